@@ -1,0 +1,171 @@
+"""Gradient-norm clipping that returns the pre-clip norm and keeps its statistics on the device.
+
+``GradientClipper.clip`` computes the total gradient norm exactly as
+``torch.nn.utils.clip_grad_norm_`` does (``get_total_norm`` then ``clip_grads_with_norm_``), with
+one difference: when the norm is NaN or Inf the gradients are left untouched (torch would multiply
+them by NaN) and the step is flagged through :attr:`GradientClipper.last_finite`, so the caller
+can skip the optimizer step. Nothing here reads a tensor on the host until :meth:`get_stats`.
+
+Under mixed precision, call the scaler's ``unscale_`` first so the norm is the true one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ._validate import check_real
+
+__all__ = ["GradientClipper", "grads_of"]
+
+_Params = torch.nn.Module | torch.Tensor | Iterable[torch.Tensor]
+
+
+def grads_of(model_or_params: _Params) -> list[torch.Tensor]:
+    """The existing ``.grad`` tensors of a module's parameters or of an iterable of tensors."""
+    if isinstance(model_or_params, torch.nn.Module):
+        params: Iterable[torch.Tensor] = model_or_params.parameters()
+    elif isinstance(model_or_params, torch.Tensor):
+        params = [model_or_params]
+    else:
+        params = model_or_params
+    return [p.grad for p in params if p.grad is not None]
+
+
+def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads, norm_type)
+    norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
+    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), norm_type)
+
+
+class GradientClipper:
+    """Clip the total gradient norm and record norm statistics without host syncs.
+
+    Args:
+        max_norm: the largest allowed total norm; > 0. ``float('inf')`` records statistics
+            without clipping.
+        norm_type: the p of the p-norm; > 0, ``float('inf')`` for the max-norm.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> model(torch.randn(8, 4)).pow(2).sum().backward()
+        >>> clipper = GradientClipper(max_norm=1.0)
+        >>> norm = clipper.clip(model)          # 0-dim tensor, the norm before clipping
+        >>> clipper.get_stats()['num_steps']
+        1
+    """
+
+    def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0) -> None:
+        self.max_norm = check_real("max_norm", max_norm, low=0.0, low_inclusive=False,
+                                   allow_inf=True)
+        self.norm_type = check_real("norm_type", norm_type, low=0.0, low_inclusive=False,
+                                    allow_inf=True)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all statistics."""
+        self.num_steps = 0
+        self._stats: torch.Tensor | None = None  # [sum, sumsq, max, min, clipped, nonfinite, last]
+        self.last_finite: torch.Tensor | None = None
+
+    def clip(self, model_or_params: _Params) -> torch.Tensor:
+        """Clip the gradients in place; return the total norm before clipping.
+
+        Args:
+            model_or_params: a module, a tensor, or an iterable of tensors whose ``.grad`` is used.
+
+        Returns:
+            0-dim float tensor on the gradients' device (0.0 when no gradient exists). A NaN/Inf
+            norm leaves the gradients unchanged and sets ``last_finite`` to a False tensor.
+        """
+        grads = grads_of(model_or_params)
+        if not grads:
+            norm = torch.zeros(())
+        else:
+            norm = _total_norm(grads, self.norm_type)
+            finite = torch.isfinite(norm)
+            if self.max_norm != math.inf:
+                # A NaN/Inf norm becomes 0 here, so the clip coefficient is 1: gradients untouched.
+                safe = torch.where(finite, norm, torch.zeros_like(norm))
+                coef = torch.clamp(self.max_norm / (safe + 1e-6), max=1.0)
+                torch._foreach_mul_(grads, coef.to(grads[0].device))
+        self._record(norm)
+        return norm
+
+    def _record(self, norm: torch.Tensor) -> None:
+        # float64 keeps long sums exact enough; MPS has no float64.
+        dtype = torch.float32 if norm.device.type == "mps" else torch.float64
+        norm = norm.detach().to(dtype)
+        finite = torch.isfinite(norm)
+        self.last_finite = finite
+        if self._stats is None:
+            self._stats = torch.tensor([0.0, 0.0, -math.inf, math.inf, 0.0, 0.0, 0.0],
+                                       device=norm.device, dtype=dtype)
+        elif self._stats.device != norm.device:
+            self._stats = self._stats.to(norm.device, dtype)
+        f = torch.where(finite, norm, torch.zeros_like(norm))
+        s = self._stats
+        update = torch.stack([
+            s[0] + f,
+            s[1] + f * f,
+            torch.where(finite, torch.maximum(s[2], norm), s[2]),
+            torch.where(finite, torch.minimum(s[3], norm), s[3]),
+            s[4] + (finite & (norm > self.max_norm)).float(),
+            s[5] + (~finite).float(),
+            norm,
+        ])
+        self._stats = update
+        self.num_steps += 1
+
+    def get_stats(self) -> dict[str, float | int]:
+        """Norm statistics since the last ``reset()``, as Python numbers (one host read).
+
+        Returns:
+            ``mean_norm``, ``max_norm``, ``min_norm``, ``std_norm`` (population std) over the
+            finite norms; ``last_norm``; ``num_steps`` (calls to ``clip``), ``num_clipped`` (finite
+            norms above ``max_norm``), ``clip_fraction`` (``num_clipped / num_steps``),
+            ``num_nonfinite``. Empty statistics give 0.0 for the norms.
+        """
+        if self._stats is None or self.num_steps == 0:
+            return {"mean_norm": 0.0, "max_norm": 0.0, "min_norm": 0.0, "std_norm": 0.0,
+                    "last_norm": 0.0, "num_steps": 0, "num_clipped": 0, "clip_fraction": 0.0,
+                    "num_nonfinite": 0}
+        total, sumsq, mx, mn, clipped, nonfinite, last = self._stats.tolist()
+        n_finite = self.num_steps - int(nonfinite)
+        mean = total / n_finite if n_finite else 0.0
+        var = max(sumsq / n_finite - mean * mean, 0.0) if n_finite else 0.0
+        return {
+            "mean_norm": mean,
+            "max_norm": mx if n_finite else 0.0,
+            "min_norm": mn if n_finite else 0.0,
+            "std_norm": math.sqrt(var),
+            "last_norm": last,
+            "num_steps": self.num_steps,
+            "num_clipped": int(clipped),
+            "clip_fraction": clipped / self.num_steps,
+            "num_nonfinite": int(nonfinite),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Settings and statistics (the statistics as a CPU tensor)."""
+        return {
+            "max_norm": self.max_norm,
+            "norm_type": self.norm_type,
+            "num_steps": self.num_steps,
+            "stats": None if self._stats is None else self._stats.detach().cpu(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; statistics move to the device on the next ``clip``."""
+        self.max_norm = float(state["max_norm"])
+        self.norm_type = float(state["norm_type"])
+        self.num_steps = int(state["num_steps"])
+        self._stats = None if state["stats"] is None else state["stats"].clone()
+        self.last_finite = None
+
+    def __repr__(self) -> str:
+        return f"GradientClipper(max_norm={self.max_norm}, norm_type={self.norm_type})"

@@ -1,0 +1,12 @@
+import warnings
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+    yield

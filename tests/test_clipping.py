@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+
+from advanced_training_utils import GradientClipper
+
+
+def _model_with_grads(scale=1.0, seed=0):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    (m(torch.randn(32, 8)).pow(2).sum() * scale).backward()
+    return m
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.5, math.inf])
+@pytest.mark.parametrize("max_norm", [0.01, 1.0, 1e6])
+def test_matches_torch_clip_grad_norm(norm_type, max_norm):
+    a, b = _model_with_grads(), _model_with_grads()
+    ref_norm = torch.nn.utils.get_total_norm([p.grad for p in b.parameters()], norm_type)
+    torch.nn.utils.clip_grad_norm_(b.parameters(), max_norm, norm_type)
+    norm = GradientClipper(max_norm, norm_type).clip(a)
+    assert norm.dim() == 0
+    assert torch.allclose(norm, ref_norm, rtol=1e-6, atol=0)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-6, atol=1e-12)
+
+
+def test_accepts_param_iterable_and_tensor():
+    m = _model_with_grads()
+    ref = torch.nn.utils.get_total_norm([p.grad for p in m.parameters()])
+    c = GradientClipper(max_norm=1e9)
+    assert torch.allclose(c.clip(list(m.parameters())), ref)
+    w = m[0].weight
+    assert torch.allclose(c.clip(w), w.grad.norm())
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_norm_leaves_grads_untouched_and_is_flagged(bad):
+    m = _model_with_grads()
+    m[0].weight.grad[0, 0] = bad
+    before = [p.grad.clone() for p in m.parameters()]
+    c = GradientClipper(max_norm=1.0)
+    norm = c.clip(m)
+    assert not torch.isfinite(norm)
+    assert c.last_finite is not None and not bool(c.last_finite)
+    for p, g in zip(m.parameters(), before):
+        assert torch.equal(p.grad, g) or (torch.isnan(p.grad) == torch.isnan(g)).all()
+    s = c.get_stats()
+    assert s["num_nonfinite"] == 1 and s["num_clipped"] == 0 and s["num_steps"] == 1
+
+
+def test_stats_match_hand_computation():
+    c = GradientClipper(max_norm=2.0)
+    norms = []
+    for seed, scale in enumerate([0.1, 0.5, 3.0, 0.01, 10.0]):
+        m = _model_with_grads(scale, seed)
+        norms.append(float(c.clip(m)))
+    s = c.get_stats()
+    mean = sum(norms) / len(norms)
+    std = math.sqrt(sum((n - mean) ** 2 for n in norms) / len(norms))
+    assert s["mean_norm"] == pytest.approx(mean, rel=1e-6)
+    assert s["std_norm"] == pytest.approx(std, rel=1e-5)
+    assert s["max_norm"] == pytest.approx(max(norms), rel=1e-6)
+    assert s["min_norm"] == pytest.approx(min(norms), rel=1e-6)
+    assert s["last_norm"] == pytest.approx(norms[-1], rel=1e-6)
+    clipped = sum(n > 2.0 for n in norms)
+    assert s["num_clipped"] == clipped and s["num_steps"] == 5
+    assert s["clip_fraction"] == pytest.approx(clipped / 5)
+    assert all(isinstance(v, (int, float)) for v in s.values())
+    c.reset()
+    assert c.get_stats()["num_steps"] == 0
+
+
+def test_no_host_reads_during_clip(monkeypatch):
+    m = _model_with_grads()
+    calls = []
+    for name in ("item", "tolist", "__bool__", "__float__", "cpu"):
+        orig = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _orig=orig, _n=name, **k):
+            calls.append(_n)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    c = GradientClipper(1.0)
+    for _ in range(3):
+        c.clip(m)
+    monkeypatch.undo()
+    assert calls == []
+
+
+def test_state_dict_round_trip():
+    c = GradientClipper(0.5)
+    for seed in range(3):
+        c.clip(_model_with_grads(seed=seed))
+    fresh = GradientClipper(1.0)
+    fresh.load_state_dict(c.state_dict())
+    assert fresh.get_stats() == c.get_stats()
+    m1, m2 = _model_with_grads(seed=9), _model_with_grads(seed=9)
+    c.clip(m1)
+    fresh.clip(m2)
+    assert fresh.get_stats() == c.get_stats()
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(max_norm=0), ValueError, "max_norm must be > 0, got 0"),
+        (dict(max_norm=-1.0), ValueError, "max_norm must be > 0, got -1.0"),
+        (dict(max_norm=math.nan), ValueError, "max_norm must be a number"),
+        (dict(max_norm="1"), TypeError, "max_norm must be a real number"),
+        (dict(norm_type=0), ValueError, "norm_type must be > 0, got 0"),
+        (dict(norm_type=None), TypeError, "norm_type must be a real number"),
+    ],
+)
+def test_rejects_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        GradientClipper(**kwargs)
