@@ -81,6 +81,35 @@ def test_core_section_runs_as_written(section, tmp_path, monkeypatch):
         assert ns["grad_stats"]["healthy"] and ns["weight_stats"]["healthy"]
 
 
+def test_complete_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    ns = _namespace()
+    _train_loaders(ns, tmp_path)
+    (code,) = SNIPPETS["Complete Example"]
+    with _Quiet():
+        exec(compile(code, "<guide Complete Example>", "exec"), ns)
+    res = ns["results"]
+    assert "Best validation loss" in capsys.readouterr().out
+    assert res["best_epoch"] >= 1 and (tmp_path / "checkpoints" / "emotion_recognizer_best.pt").exists()
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_preset_dicts_run_as_written(index, tmp_path, monkeypatch):
+    from advanced_training_utils import train_model_advanced
+
+    monkeypatch.chdir(tmp_path)
+    ns = _namespace()
+    code = SNIPPETS["Configuration Presets"][index]
+    exec(compile(code, f"<guide preset {index}>", "exec"), ns)
+    _train_loaders(ns, tmp_path)
+    with _Quiet():
+        res = train_model_advanced(
+            model=ns["model"], train_loader=ns["train_loader"], val_loader=ns["val_loader"],
+            criterion=ns["criterion"], epochs=3, learning_rate=1e-3, device="cpu",
+            checkpoint_dir=tmp_path, model_name="preset", verbose=False, **ns["config"])
+    assert res["epochs_run"] == 3
+
+
 class _Quiet:
     def __enter__(self):
         import warnings

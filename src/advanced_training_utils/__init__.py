@@ -4,22 +4,33 @@ This module only re-exports the public API; each name lives in a module of its o
 """
 
 from .augmentation import SPECAUGMENT_POLICIES, DataAugmentation
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clipping import GradientClipper
+from .config import TrainConfig
 from .early_stopping import EarlyStopping
 from .precision import MixedPrecisionTrainer
+from .presets import PRESETS, get_preset
 from .scheduler import SCHEDULER_TYPES, LearningRateScheduler
 from .stability import TrainingStability
+from .train import train_model_advanced
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
     "SCHEDULER_TYPES",
     "SPECAUGMENT_POLICIES",
+    "CheckpointError",
     "DataAugmentation",
     "EarlyStopping",
     "GradientClipper",
     "LearningRateScheduler",
     "MixedPrecisionTrainer",
+    "TrainConfig",
     "TrainingStability",
+    "get_preset",
+    "load_checkpoint",
+    "save_checkpoint",
+    "train_model_advanced",
     "__version__",
 ]

@@ -1,0 +1,187 @@
+"""Checkpoint files: named keys, atomic writes, a checksum, and safe verified loading.
+
+A checkpoint is a plain dict of state dicts under the key constants below, plus
+``FORMAT_KEY`` (the format version) and ``CHECKSUM_KEY`` (SHA-256 over the payload's structure and
+tensor bytes). It is written to a temporary file in the same folder, flushed, fsynced and moved
+into place with ``os.replace``, so a crash mid-write leaves the previous file intact.
+
+Loading always uses ``torch.load(weights_only=True)``: a file whose unpickling would construct
+arbitrary objects or call code is refused before anything runs. A truncated, corrupted or
+tampered file raises :class:`CheckpointError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "AUGMENTATION_KEY", "CHECKSUM_KEY", "CLIPPER_KEY", "CONFIG_KEY", "EARLY_STOPPING_KEY",
+    "EPOCH_KEY", "FORMAT_KEY", "FORMAT_VERSION", "GUARD_KEY", "HISTORY_KEY", "MODEL_KEY",
+    "OPTIMIZER_KEY", "PRECISION_KEY", "RNG_KEY", "SCHEDULER_KEY", "STEP_KEY", "BEST_KEY",
+    "CheckpointError", "capture_rng", "restore_rng", "save_checkpoint", "load_checkpoint",
+    "payload_digest",
+]
+
+FORMAT_VERSION = 1
+FORMAT_KEY = "format_version"
+CHECKSUM_KEY = "sha256"
+MODEL_KEY = "model"
+OPTIMIZER_KEY = "optimizer"
+SCHEDULER_KEY = "scheduler"
+PRECISION_KEY = "precision"
+CLIPPER_KEY = "clipper"
+EARLY_STOPPING_KEY = "early_stopping"
+AUGMENTATION_KEY = "augmentation"
+GUARD_KEY = "guard"
+HISTORY_KEY = "history"
+EPOCH_KEY = "epoch"
+STEP_KEY = "step_in_epoch"
+RNG_KEY = "rng"
+CONFIG_KEY = "config"
+BEST_KEY = "best"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be trusted: missing, truncated, corrupted or unsafe."""
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"checkpoint {self.path}: {problem}")
+
+
+def _feed(h: Any, obj: Any) -> None:
+    """Hash ``obj``'s structure and contents in a canonical order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        h.update(f"D{len(obj)}".encode())
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for x in obj:
+            _feed(h, x)
+    else:
+        h.update(f"V{obj!r}".encode())
+
+
+def payload_digest(payload: Mapping[str, Any]) -> str:
+    """SHA-256 hex digest of a checkpoint payload (its keys other than format and checksum)."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k not in (FORMAT_KEY, CHECKSUM_KEY)})
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: Path | str, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` atomically to ``path`` with a format version and checksum.
+
+    The bytes go to a temporary file in the same folder, which is flushed and fsynced before
+    ``os.replace`` moves it over ``path``; on any error the temporary file is removed and the
+    previous ``path`` (if any) is left as it was.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    obj = dict(payload)
+    obj[FORMAT_KEY] = FORMAT_VERSION
+    obj[CHECKSUM_KEY] = payload_digest(obj)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load and verify a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        CheckpointError: the file is missing, empty, truncated, not a checkpoint, fails the
+            checksum, or holds objects that ``weights_only`` loading refuses.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "file is empty (zero bytes)")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip errors, unpickling errors, refused globals
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(path, f"refused unsafe content ({text})") from None
+        raise CheckpointError(path, f"unreadable, truncated or corrupted ({text})") from None
+    if not isinstance(obj, dict) or FORMAT_KEY not in obj or CHECKSUM_KEY not in obj:
+        raise CheckpointError(path, "not a checkpoint of this package (no format/checksum keys)")
+    if obj[FORMAT_KEY] != FORMAT_VERSION:
+        raise CheckpointError(path, f"format version {obj[FORMAT_KEY]!r}, expected {FORMAT_VERSION}")
+    if payload_digest(obj) != obj[CHECKSUM_KEY]:
+        raise CheckpointError(path, "checksum mismatch: the contents were altered or corrupted")
+    return obj
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG state a run depends on (python, numpy, torch CPU and CUDA) as plain types."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Restore the states captured by :func:`capture_rng`."""
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

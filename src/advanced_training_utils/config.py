@@ -1,0 +1,154 @@
+"""Every option of ``train_model_advanced`` in one typed, validated dataclass.
+
+Defaults live here and nowhere else. ``TrainConfig.from_options(**kw)`` rejects unknown keys with
+a message listing the valid ones, then validates every field once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._validate import check_choice, check_int, check_real
+from .scheduler import SCHEDULER_TYPES
+
+__all__ = ["TrainConfig", "AUGMENT_MODALITIES"]
+
+AUGMENT_MODALITIES = ("audio", "emotion", "notes")
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run (see ``train_model_advanced`` for their meaning)."""
+
+    epochs: int = 10
+    learning_rate: float = 1e-3
+    device: str = "auto"
+    checkpoint_dir: Path | str | None = None
+    model_name: str = "model"
+    # optimisation
+    optimizer: Any = None
+    weight_decay: float = 0.01
+    accumulation_steps: int = 1
+    seed: int | None = None
+    # scheduler
+    use_scheduler: bool = True
+    scheduler_type: str = "plateau"
+    patience: int = 5
+    factor: float | None = None
+    T_max: int | None = None
+    gamma: float | None = None
+    step_size: int = 10
+    min_lr: float = 0.0
+    max_lr: float | None = None
+    pct_start: float = 0.3
+    warmup_steps: int = 0
+    # clipping / precision
+    gradient_clip: float | None = 1.0
+    use_mixed_precision: bool = False
+    amp_dtype: str | None = None
+    # augmentation
+    use_augmentation: bool = False
+    augment: Any = None
+    augment_options: dict[str, Any] = field(default_factory=dict)
+    # stopping and checks
+    early_stop_patience: int | None = None
+    min_delta: float = 0.0
+    restore_best_weights: bool = True
+    check_stability: bool = False
+    stability_every: int = 10
+    metrics: Any = None
+    # output
+    resume: bool | str | Path = False
+    tensorboard: bool = False
+    verbose: bool = True
+
+    @classmethod
+    def from_options(cls, **options: Any) -> TrainConfig:
+        """Build from keyword options; unknown keys raise ``TypeError`` naming the valid ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {', '.join(map(repr, unknown))}; valid options: "
+                + ", ".join(names)
+            )
+        cfg = cls(**options)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Check every field; raise ``ValueError``/``TypeError`` naming the field."""
+        check_int("epochs", self.epochs, low=1)
+        check_real("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
+        if not isinstance(self.device, str):
+            self.device = str(self.device)
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, Path)):
+            raise TypeError(f"checkpoint_dir must be a path or None, got {self.checkpoint_dir!r}")
+        if not isinstance(self.model_name, str) or not self.model_name or "/" in self.model_name:
+            raise ValueError(f"model_name must be a non-empty file-name string, got {self.model_name!r}")
+        if self.optimizer is not None and not callable(self.optimizer) and not hasattr(
+            self.optimizer, "step"
+        ):
+            raise TypeError("optimizer must be a torch optimizer or a callable taking the "
+                            f"parameters, got {type(self.optimizer).__name__}")
+        check_real("weight_decay", self.weight_decay, low=0.0)
+        check_int("accumulation_steps", self.accumulation_steps, low=1)
+        if self.seed is not None:
+            check_int("seed", self.seed, low=0)
+        for name in ("use_scheduler", "use_mixed_precision", "use_augmentation",
+                     "restore_best_weights", "check_stability", "tensorboard", "verbose"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        check_choice("scheduler_type", self.scheduler_type, SCHEDULER_TYPES)
+        check_int("patience", self.patience, low=0)
+        if self.T_max is not None:
+            check_int("T_max", self.T_max, low=1)
+        check_int("step_size", self.step_size, low=1)
+        check_int("warmup_steps", self.warmup_steps, low=0)
+        if self.gradient_clip is not None:
+            check_real("gradient_clip", self.gradient_clip, low=0.0, low_inclusive=False,
+                       allow_inf=True)
+        if self.amp_dtype is not None:
+            check_choice("amp_dtype", self.amp_dtype, ("float16", "bfloat16", "auto"))
+        if self.augment is not None and not callable(self.augment):
+            check_choice("augment", self.augment, AUGMENT_MODALITIES)
+        if not isinstance(self.augment_options, dict):
+            raise TypeError(f"augment_options must be a dict, got {self.augment_options!r}")
+        if self.early_stop_patience is not None:
+            check_int("early_stop_patience", self.early_stop_patience, low=1)
+        check_real("min_delta", self.min_delta, low=0.0)
+        check_int("stability_every", self.stability_every, low=1)
+        if not isinstance(self.resume, (bool, str, Path)):
+            raise TypeError(f"resume must be a bool or a path, got {self.resume!r}")
+
+    def scheduler_options(self, steps_per_epoch: int) -> dict[str, Any]:
+        """Keyword options for ``LearningRateScheduler`` for this run's length."""
+        opts: dict[str, Any] = {
+            "patience": self.patience, "factor": self.factor, "gamma": self.gamma,
+            "step_size": self.step_size, "min_lr": self.min_lr, "warmup_steps": self.warmup_steps,
+            "T_max": self.T_max if self.T_max is not None else self.epochs,
+        }
+        if self.scheduler_type == "onecycle":
+            opts.update(max_lr=self.max_lr if self.max_lr is not None else self.learning_rate,
+                        epochs=self.epochs, steps_per_epoch=steps_per_epoch,
+                        pct_start=self.pct_start)
+        return opts
+
+    def to_plain(self) -> dict[str, Any]:
+        """The options as plain types (callables and objects as their repr), for checkpoints."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Path):
+                v = str(v)
+            elif isinstance(v, dict):
+                v = {str(k): x if isinstance(x, (int, float, str, bool, type(None))) else repr(x)
+                     for k, x in v.items()}
+            elif not isinstance(v, (int, float, str, bool, type(None))):
+                v = repr(v) if not isinstance(v, Callable) else getattr(v, "__name__", repr(v))
+            out[f.name] = v
+        return out

@@ -1,0 +1,249 @@
+"""One epoch of training and one pass of evaluation. No file I/O, no host reads per step.
+
+Running sums (loss, metrics, example counts) stay 0-dim tensors on the device; the caller reads
+them once at the end of the epoch with :func:`read_sums`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .clipping import GradientClipper
+from .guard import StepGuard
+from .precision import MixedPrecisionTrainer
+from .scheduler import LearningRateScheduler
+
+__all__ = ["Parts", "split_batch", "train_epoch", "evaluate", "read_sums", "accuracy",
+           "resolve_metrics"]
+
+Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose argmax over the last axis equals the integer target."""
+    return (outputs.argmax(dim=-1) == targets).float().mean()
+
+
+_BUILTIN_METRICS: dict[str, Metric] = {"accuracy": accuracy}
+
+
+def resolve_metrics(metrics: Any) -> dict[str, Metric]:
+    """``None``, a name, a list of names/callables, or a ``{name: callable}`` dict -> dict.
+
+    A metric takes ``(outputs, targets)`` for one batch and returns the batch mean as a 0-dim
+    tensor; the epoch value is the example-weighted mean.
+    """
+    if metrics is None:
+        return {}
+    if isinstance(metrics, str) or callable(metrics):
+        metrics = [metrics]
+    if isinstance(metrics, Mapping):
+        items = list(metrics.items())
+    else:
+        items = []
+        for m in metrics:
+            items.append((m, m) if isinstance(m, str) else (getattr(m, "__name__", "metric"), m))
+    out: dict[str, Metric] = {}
+    for name, fn in items:
+        if isinstance(fn, str):
+            if fn not in _BUILTIN_METRICS:
+                raise ValueError(f"metrics: unknown metric {fn!r}; built-in metrics: "
+                                 + ", ".join(_BUILTIN_METRICS))
+            fn = _BUILTIN_METRICS[fn]
+        if not callable(fn):
+            raise TypeError(f"metrics: {name!r} must be callable, got {type(fn).__name__}")
+        out[str(name)] = fn
+    return out
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` from a batch given as a tuple/list (first two items) or a dict with
+    ``'inputs'``/``'targets'`` (or ``'x'``/``'y'``) keys."""
+    if isinstance(batch, Mapping):
+        for a, b in (("inputs", "targets"), ("x", "y")):
+            if a in batch and b in batch:
+                return batch[a], batch[b]
+        raise ValueError(f"a dict batch needs 'inputs' and 'targets' keys, got {sorted(batch)}")
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        f"each batch must be (inputs, targets) or a dict; got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, Mapping):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _batch_size(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.dim() else 1
+    if isinstance(x, (tuple, list)) and x:
+        return _batch_size(x[0])
+    if isinstance(x, Mapping) and x:
+        return _batch_size(next(iter(x.values())))
+    return 1
+
+
+@dataclass
+class Parts:
+    """What one training epoch needs, each a real object or a no-op with the same methods."""
+
+    model: torch.nn.Module
+    criterion: Callable[..., torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    precision: MixedPrecisionTrainer
+    clipper: GradientClipper
+    guard: StepGuard
+    scheduler: LearningRateScheduler | None
+    augment: Callable[[torch.Tensor], torch.Tensor] | None
+    device: torch.device
+    accumulation_steps: int = 1
+    metrics: dict[str, Metric] = field(default_factory=dict)
+
+
+@dataclass
+class EpochSums:
+    """Device-side running sums of one epoch."""
+
+    loss: torch.Tensor
+    finite_examples: torch.Tensor
+    examples: int = 0
+    batches: int = 0
+    optimizer_steps: int = 0
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> EpochSums:
+        return cls(loss=torch.zeros((), device=device, dtype=torch.float64 if device.type != "mps"
+                                    else torch.float32),
+                   finite_examples=torch.zeros((), device=device))
+
+
+def train_epoch(parts: Parts, loader: Iterable[Any],
+                progress: Callable[[EpochSums, int], None] | None = None) -> EpochSums:
+    """Train over ``loader`` once.
+
+    Per batch: augment (train only) -> autocast forward -> loss / accumulation_steps -> scaled
+    backward; at each accumulation boundary: unscale -> clip -> guard (step or skip) -> scaler
+    update -> per-batch scheduler step. Gradients are zeroed at the start of each accumulation
+    window, so the last step's gradients are still there after the epoch (for stability checks).
+
+    Returns:
+        The epoch's device-side sums (see :class:`EpochSums`).
+    """
+    p = parts
+    p.model.train()
+    sums = EpochSums.zeros(p.device)
+    n_batches = len(loader) if hasattr(loader, "__len__") else None
+    accum = p.accumulation_steps
+    window_loss = None
+    for i, batch in enumerate(loader):
+        x, y = split_batch(batch)
+        x, y = _to(x, p.device), _to(y, p.device)
+        if p.augment is not None:
+            x = p.augment(x)
+        in_window = i % accum
+        if in_window == 0:
+            p.optimizer.zero_grad(set_to_none=True)
+            # Micro-batches in this window: the last window may be short.
+            window = accum if n_batches is None else min(accum, n_batches - i)
+            window_loss = None
+        with p.precision.autocast():
+            out = p.model(x)
+            loss = p.criterion(out, y)
+        p.precision.scale_loss(loss / window).backward()
+        bs = _batch_size(y)
+        ld = loss.detach()
+        finite = torch.isfinite(ld)
+        sums.loss += torch.where(finite, ld, torch.zeros_like(ld)).to(sums.loss.dtype) * bs
+        sums.finite_examples += finite.float() * bs
+        sums.examples += bs
+        sums.batches += 1
+        window_loss = ld if window_loss is None else window_loss + ld
+        if in_window == window - 1:
+            p.precision.unscale_(p.optimizer)
+            norm = p.clipper.clip(p.model)
+            bad = StepGuard.is_bad(window_loss, norm)
+            stepped = p.guard.step(bad)
+            p.precision.update()
+            sums.optimizer_steps += 1
+            if p.scheduler is not None and p.scheduler.interval == "batch":
+                if stepped is None:
+                    stepped = not bool(bad)  # host read: the schedule must not advance on a skip
+                if stepped:
+                    p.scheduler.step()
+        if progress is not None:
+            progress(sums, i)
+    return sums
+
+
+@torch.no_grad()
+def evaluate(parts: Parts, loader: Iterable[Any]) -> EpochSums:
+    """Mean loss and metrics over ``loader`` in eval mode, under the same autocast."""
+    p = parts
+    p.model.eval()
+    sums = EpochSums.zeros(p.device)
+    for name in p.metrics:
+        sums.metrics[name] = torch.zeros((), device=p.device)
+    for batch in loader:
+        x, y = split_batch(batch)
+        x, y = _to(x, p.device), _to(y, p.device)
+        with p.precision.autocast():
+            out = p.model(x)
+            loss = p.criterion(out, y)
+        bs = _batch_size(y)
+        ld = loss.detach()
+        finite = torch.isfinite(ld)
+        sums.loss += torch.where(finite, ld, torch.zeros_like(ld)).to(sums.loss.dtype) * bs
+        sums.finite_examples += finite.float() * bs
+        sums.examples += bs
+        sums.batches += 1
+        for name, fn in p.metrics.items():
+            sums.metrics[name] += fn(out.float(), y).detach().float() * bs
+    return sums
+
+
+def read_sums(train: EpochSums, val: EpochSums | None, skipped: torch.Tensor | None,
+              clip_stats: torch.Tensor | None = None) -> dict[str, Any]:
+    """Read an epoch's device sums on the host in one transfer.
+
+    Returns:
+        ``train_loss`` and ``val_loss`` (mean over examples whose batch loss was finite; NaN when
+        none was), ``nonfinite_train_batches`` (examples in non-finite batches), ``skipped_steps``
+        and ``val_<metric>`` values.
+    """
+    t0 = time.perf_counter()
+    device = train.loss.device
+    vals = [train.loss.double(), train.finite_examples.double()]
+    names = list(val.metrics) if val is not None else []
+    if val is not None:
+        vals += [val.loss.double(), val.finite_examples.double()]
+        vals += [val.metrics[n].double() for n in names]
+    vals.append((skipped if skipped is not None else torch.zeros((), device=device)).double()
+                .to(device))
+    host = torch.stack([v.to(device) for v in vals]).tolist()
+    out: dict[str, Any] = {}
+    out["train_loss"] = host[0] / host[1] if host[1] else float("nan")
+    out["nonfinite_train_examples"] = int(train.examples - host[1])
+    k = 2
+    if val is not None:
+        out["val_loss"] = host[2] / host[3] if host[3] else float("nan")
+        for j, n in enumerate(names):
+            out[f"val_{n}"] = host[4 + j] / val.examples if val.examples else float("nan")
+        k = 4 + len(names)
+    out["skipped_steps"] = int(host[k])
+    out["_read_seconds"] = time.perf_counter() - t0
+    return out

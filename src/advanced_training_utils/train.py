@@ -1,0 +1,457 @@
+"""``train_model_advanced``: one call that trains a model with every feature working together.
+
+The run, top to bottom:
+
+1. options -> :class:`TrainConfig` (validated once; unknown options are an error);
+2. parts built from the config: optimizer, precision, clipper, guard, scheduler, augmentation,
+   early stopping; each is a real object or a no-op with the same methods;
+3. resume, if asked: every part's ``load_state_dict`` from the checkpoint, RNG states included;
+4. per epoch: :func:`loop.train_epoch`, :func:`loop.evaluate`, one host read of the epoch's
+   numbers, then the epoch-level decisions (plateau/epoch scheduler, early stopping, best
+   weights, stability checks), checkpoints and the metrics line;
+5. at the end the best weights are restored (unless ``restore_best_weights=False``) and a result
+   dict is returned.
+
+Devices: ``'auto'`` picks CUDA, then MPS, then CPU. ``'cuda'`` on a machine without CUDA logs a
+warning and runs on the CPU (the guide's examples say ``'cuda'``; they still run on a laptop).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ck
+from .augmentation import DataAugmentation
+from .clipping import GradientClipper
+from .config import TrainConfig
+from .early_stopping import EarlyStopping
+from .guard import StepGuard
+from .loop import Parts, evaluate, read_sums, resolve_metrics, split_batch, train_epoch
+from .precision import MixedPrecisionTrainer
+from .progress import Progress
+from .scheduler import LearningRateScheduler
+from .stability import TrainingStability
+
+__all__ = ["train_model_advanced", "resolve_device", "infer_modality"]
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- setup helpers
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``'auto'`` -> cuda, mps or cpu; ``'cuda'`` without CUDA -> cpu with a warning."""
+    name = str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {name!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        msg = f"device={name!r} but CUDA is not available; training on the CPU instead"
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        log.warning(msg)
+        return torch.device("cpu")
+    return dev
+
+
+def infer_modality(x: torch.Tensor) -> str:
+    """The augmentation modality for an input batch, by shape.
+
+    Rule: 3 or more dims (``[B, F, T]``, ``[B, C, F, T]``) -> ``'audio'``; 2 dims with 128
+    columns (``[B, 128]``, MIDI pitches) -> ``'notes'``; other 2-dim inputs -> ``'emotion'``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"cannot infer an augmentation for inputs of type {type(x).__name__}; "
+                        "pass augment='audio'|'emotion'|'notes' or a callable")
+    if x.dim() >= 3:
+        return "audio"
+    if x.dim() == 2:
+        return "notes" if x.shape[-1] == 128 else "emotion"
+    raise ValueError(f"cannot infer an augmentation for inputs of shape {tuple(x.shape)}; "
+                     "pass augment='audio'|'emotion'|'notes' or a callable")
+
+
+def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module,
+                     device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (requires_grad=True): nothing to train")
+    opt = cfg.optimizer
+    if opt is None:
+        try:  # fused: fastest, and it can skip a bad step on the device (see guard.py)
+            opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                    fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    elif not isinstance(opt, torch.optim.Optimizer):
+        opt = opt(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"optimizer factory must return a torch.optim.Optimizer, got "
+                            f"{type(opt).__name__}")
+    own = {id(p) for p in model.parameters()}
+    foreign = [p for g in opt.param_groups for p in g["params"] if id(p) not in own]
+    if foreign:
+        raise ValueError(f"optimizer holds {len(foreign)} parameter(s) that are not the model's "
+                         "(was it built before the model was replaced or copied?)")
+    return opt
+
+
+def _build_augment(cfg: TrainConfig, sample: Any, seed: int | None
+                   ) -> tuple[Callable[[Any], Any] | None, DataAugmentation | None]:
+    if not cfg.use_augmentation:
+        return None, None
+    if callable(cfg.augment):
+        return cfg.augment, None
+    modality = cfg.augment or infer_modality(sample)
+    if cfg.augment is None:
+        log.info("use_augmentation: inputs shaped %s -> '%s' augmentation",
+                 tuple(sample.shape), modality)
+    aug = DataAugmentation(seed=seed)
+    fn = {"audio": aug.augment_audio_features, "emotion": aug.augment_emotion_embedding,
+          "notes": aug.augment_note_probabilities}[modality]
+    opts = dict(cfg.augment_options)
+    return (lambda x: fn(x, **opts)), aug
+
+
+def _first_batch_inputs(loader: Iterable[Any]) -> Any:
+    for batch in loader:
+        return split_batch(batch)[0]
+    raise ValueError("train_loader is empty: it yielded no batch")
+
+
+def _check_inputs(model: Any, train_loader: Any, val_loader: Any, criterion: Any) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if criterion is None or not callable(criterion):
+        raise TypeError(f"criterion must be callable (outputs, targets) -> loss, got {criterion!r}")
+    for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
+        if loader is None and name == "val_loader":
+            continue
+        if not hasattr(loader, "__iter__"):
+            raise TypeError(f"{name} must be an iterable of batches, got {type(loader).__name__}")
+    if hasattr(train_loader, "__len__") and len(train_loader) == 0:
+        raise ValueError("train_loader is empty (len 0): nothing to train on")
+
+
+# ---------------------------------------------------------------------------- checkpoints
+class _Run:
+    """Paths and writers of one run (no-ops when checkpoint_dir is None)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
+        name = cfg.model_name
+        self.best = self.dir / f"{name}_best.pt" if self.dir else None
+        self.last = self.dir / f"{name}_last.pt" if self.dir else None
+        self.metrics = self.dir / f"{name}_metrics.jsonl" if self.dir else None
+        self.tb = None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".{name}.write-test"
+            try:
+                probe.write_bytes(b"ok")
+                probe.unlink()
+            except OSError as e:
+                raise OSError(f"checkpoint_dir {self.dir} is not writable: {e}") from e
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.dir / "tensorboard" if self.dir else None))
+            except ImportError:
+                warnings.warn("tensorboard=True but tensorboard is not installed; skipping it",
+                              RuntimeWarning, stacklevel=3)
+
+    def write_metrics(self, entry: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(entry, default=_json_default) + "\n")
+        if self.tb is not None:
+            for k, v in entry.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, entry["epoch"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _json_default(o: Any) -> Any:
+    return str(o)
+
+
+def _payload(parts: Parts, sched: LearningRateScheduler | None, early: EarlyStopping | None,
+             aug: DataAugmentation | None, cfg: TrainConfig, history: list[dict[str, Any]],
+             epoch: int, best: dict[str, Any]) -> dict[str, Any]:
+    return {
+        ck.MODEL_KEY: parts.model.state_dict(),
+        ck.OPTIMIZER_KEY: parts.optimizer.state_dict(),
+        ck.SCHEDULER_KEY: sched.state_dict() if sched is not None else None,
+        ck.PRECISION_KEY: parts.precision.state_dict(),
+        ck.CLIPPER_KEY: parts.clipper.state_dict(),
+        ck.GUARD_KEY: parts.guard.state_dict(),
+        ck.EARLY_STOPPING_KEY: early.state_dict() if early is not None else None,
+        ck.AUGMENTATION_KEY: aug.state_dict() if aug is not None else None,
+        ck.HISTORY_KEY: history,
+        ck.EPOCH_KEY: epoch,
+        ck.STEP_KEY: 0,
+        ck.BEST_KEY: {k: v for k, v in best.items() if k != "state"},
+        ck.RNG_KEY: ck.capture_rng(),
+        ck.CONFIG_KEY: cfg.to_plain(),
+    }
+
+
+def _resume_path(cfg: TrainConfig, run: _Run) -> Path | None:
+    if cfg.resume is False:
+        return None
+    if cfg.resume is True:
+        if run.last is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+        return run.last if run.last.exists() else None
+    return Path(cfg.resume)
+
+
+def _nan_to_none(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in entry.items()}
+
+
+# ---------------------------------------------------------------------------- the function
+def train_model_advanced(
+    model: torch.nn.Module,
+    train_loader: Iterable[Any],
+    val_loader: Iterable[Any] | None = None,
+    criterion: Callable[..., torch.Tensor] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Train ``model`` with scheduling, clipping, mixed precision, augmentation, early stopping,
+    stability checks, a non-finite-step guard and checkpoints.
+
+    Args:
+        model: the module to train; it is moved to the device and ends holding the trained
+            (by default the best) weights.
+        train_loader: iterable of ``(inputs, targets)`` batches (or dicts with those keys).
+        val_loader: the same for validation; None uses the training loss for plateau scheduling,
+            early stopping and best weights (with a warning).
+        criterion: ``(outputs, targets) -> scalar loss``.
+        **options: the fields of :class:`TrainConfig`. Most used: ``epochs``,
+            ``learning_rate``, ``device`` (``'auto'``), ``checkpoint_dir``, ``model_name``,
+            ``use_scheduler``, ``scheduler_type`` and its options (``patience``, ``factor``,
+            ``T_max`` (default: epochs), ``gamma``, ``step_size``, ``max_lr`` (default:
+            learning_rate), ``warmup_steps``), ``gradient_clip`` (None: no clipping),
+            ``use_mixed_precision`` with ``amp_dtype`` (None: float16 on CUDA, bfloat16 on
+            CPU), ``use_augmentation`` with ``augment`` and ``augment_options``,
+            ``early_stop_patience``, ``min_delta``, ``check_stability`` with
+            ``stability_every``, ``optimizer`` (an optimizer or a factory of the parameters;
+            default fused AdamW with ``weight_decay``), ``accumulation_steps``, ``metrics``,
+            ``seed``, ``resume`` (True: ``{model_name}_last.pt``; or a path),
+            ``restore_best_weights``, ``tensorboard``, ``verbose``.
+
+    Returns:
+        dict with ``best_val_loss``, ``best_epoch`` (1-based; 0 if no epoch improved),
+        ``history`` (one dict per epoch), ``stopped_early``, ``epochs_run``, ``best_checkpoint``
+        and ``last_checkpoint`` (paths or None), ``grad_stats`` (the clipper's statistics over
+        the run), ``stability`` (the last check's findings or None), ``skipped_steps``.
+
+    Raises:
+        TypeError / ValueError: bad options, model, loaders or criterion, named in the message.
+    """
+    cfg = TrainConfig.from_options(**options)
+    _check_inputs(model, train_loader, val_loader, criterion)
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    run = _Run(cfg)
+
+    # ---- parts
+    optimizer = _build_optimizer(cfg, model, device)
+    amp_dtype = cfg.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        precision = MixedPrecisionTrainer(enabled=cfg.use_mixed_precision,
+                                          device=device.type, dtype=amp_dtype)
+    clipper = GradientClipper(cfg.gradient_clip if cfg.gradient_clip is not None else math.inf)
+    guard = StepGuard(optimizer)
+    n_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
+    steps_per_epoch = max(1, math.ceil(n_batches / cfg.accumulation_steps)) if n_batches else None
+    sched = None
+    if cfg.use_scheduler:
+        if cfg.scheduler_type == "onecycle" and steps_per_epoch is None:
+            raise ValueError("scheduler_type='onecycle' needs a train_loader with a length")
+        sched = LearningRateScheduler(optimizer, cfg.scheduler_type,
+                                      **cfg.scheduler_options(steps_per_epoch or 1))
+    augment, aug = _build_augment(cfg, _first_batch_inputs(train_loader)
+                                  if cfg.use_augmentation and cfg.augment is None else None,
+                                  cfg.seed)
+    early = (EarlyStopping(cfg.early_stop_patience, cfg.min_delta)
+             if cfg.early_stop_patience is not None else None)
+    if val_loader is None and (early is not None or (sched is not None and sched.is_plateau)):
+        log.warning("no val_loader: early stopping / plateau scheduling follow the training loss")
+    parts = Parts(model=model, criterion=criterion, optimizer=optimizer, precision=precision,
+                  clipper=clipper, guard=guard, scheduler=sched, augment=augment, device=device,
+                  accumulation_steps=cfg.accumulation_steps, metrics=resolve_metrics(cfg.metrics))
+
+    # ---- resume
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"val_loss": math.inf, "epoch": 0, "state": None}
+    start_epoch = 0
+    resume_from = _resume_path(cfg, run)
+    if resume_from is not None:
+        state = ck.load_checkpoint(resume_from, map_location=device)
+        model.load_state_dict(state[ck.MODEL_KEY])
+        optimizer.load_state_dict(state[ck.OPTIMIZER_KEY])
+        if sched is not None and state[ck.SCHEDULER_KEY] is not None:
+            sched.load_state_dict(state[ck.SCHEDULER_KEY])
+        precision.load_state_dict(state[ck.PRECISION_KEY])
+        clipper.load_state_dict(state[ck.CLIPPER_KEY])
+        guard.load_state_dict(state[ck.GUARD_KEY])
+        if early is not None and state[ck.EARLY_STOPPING_KEY] is not None:
+            early.load_state_dict(state[ck.EARLY_STOPPING_KEY])
+        if aug is not None and state[ck.AUGMENTATION_KEY] is not None:
+            aug.load_state_dict(state[ck.AUGMENTATION_KEY])
+        history = list(state[ck.HISTORY_KEY])
+        start_epoch = int(state[ck.EPOCH_KEY])
+        best.update(state[ck.BEST_KEY])
+        if run.best is not None and run.best.exists() and cfg.restore_best_weights:
+            best["state"] = ck.load_checkpoint(run.best, map_location=device)[ck.MODEL_KEY]
+        ck.restore_rng(state[ck.RNG_KEY])
+        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+
+    # ---- epochs
+    stopped_early = bool(early is not None and early.should_stop)
+    stability = None
+    progress = Progress(enabled=cfg.verbose, total_batches=n_batches)
+    epoch = start_epoch
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        if stopped_early:
+            break
+        t0 = time.perf_counter()
+        if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        progress.start(epoch, cfg.epochs, lambda: optimizer.param_groups[0]["lr"])
+        tr = train_epoch(parts, train_loader, progress.update)
+        va = evaluate(parts, val_loader) if val_loader is not None else None
+        nums = read_sums(tr, va, guard.pop_skipped())
+        guard.total_skipped += nums["skipped_steps"]
+        monitored = nums.get("val_loss", nums["train_loss"])
+        if va is not None and va.examples == 0:
+            raise ValueError("val_loader is empty: it yielded no batch")
+
+        # Epoch-level decisions on the host numbers.
+        if sched is not None and sched.interval == "epoch":
+            if sched.is_plateau and not math.isfinite(monitored):
+                log.warning("epoch %d: monitored loss is %s; plateau scheduler not stepped",
+                            epoch, monitored)
+            else:
+                sched.step(monitored if sched.is_plateau else None)
+        improved = math.isfinite(monitored) and monitored < best["val_loss"] - cfg.min_delta
+        if improved:
+            best.update(val_loss=monitored, epoch=epoch)
+            if cfg.restore_best_weights:
+                best["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if early is not None:
+            stopped_early = early.step(monitored)
+
+        if cfg.check_stability and (epoch % cfg.stability_every == 0 or nums["skipped_steps"]
+                                    or nums["nonfinite_train_examples"]):
+            stability = {"epoch": epoch,
+                         "gradients": TrainingStability.check_gradients(model),
+                         "weights": TrainingStability.check_weights(model)}
+            _log_stability(stability)
+
+        clip = clipper.get_stats()
+        entry = {
+            "epoch": epoch,
+            "train_loss": nums["train_loss"],
+            "val_loss": nums.get("val_loss", float("nan")),
+            **{k: v for k, v in nums.items() if k.startswith("val_") and k != "val_loss"},
+            "lr": optimizer.param_groups[0]["lr"],
+            "grad_norm_mean": clip["mean_norm"],
+            "grad_norm_max": clip["max_norm"],
+            "clip_fraction": clip["clip_fraction"],
+            "skipped_steps": nums["skipped_steps"],
+            "nonfinite_train_examples": nums["nonfinite_train_examples"],
+            "seconds": time.perf_counter() - t0,
+            "improved": improved,
+        }
+        if stability is not None and stability["epoch"] == epoch:
+            entry["stability_healthy"] = (stability["gradients"]["healthy"]
+                                          and stability["weights"]["healthy"])
+            entry["nonfinite_params"] = sorted(set(
+                stability["gradients"]["nan_grad_params"] + stability["gradients"]["inf_grad_params"]
+                + stability["weights"]["nan_weight_params"] + stability["weights"]["inf_weight_params"]))
+        clipper.reset()
+        history.append(entry)
+        run.write_metrics(_nan_to_none(entry))
+        progress.finish(_summary_line(entry, cfg.epochs))
+        log.info(_summary_line(entry, cfg.epochs))
+
+        if run.last is not None:
+            payload = _payload(parts, sched, early, aug, cfg, history, epoch, best)
+            if improved:
+                ck.save_checkpoint(run.best, payload)
+            ck.save_checkpoint(run.last, payload)
+        if stopped_early:
+            log.info("early stopping at epoch %d (best epoch %d)", epoch, best["epoch"])
+
+    run.close()
+    if cfg.restore_best_weights and best["state"] is not None:
+        model.load_state_dict(best["state"])
+    return {
+        "best_val_loss": best["val_loss"],
+        "best_epoch": best["epoch"],
+        "history": history,
+        "stopped_early": stopped_early,
+        "epochs_run": len(history),
+        "best_checkpoint": str(run.best) if run.best is not None and run.best.exists() else None,
+        "last_checkpoint": str(run.last) if run.last is not None and run.last.exists() else None,
+        "grad_stats": _run_grad_stats(history),
+        "stability": stability,
+        "skipped_steps": guard.total_skipped,
+    }
+
+
+def _run_grad_stats(history: list[dict[str, Any]]) -> dict[str, float]:
+    if not history:
+        return {"mean_norm": 0.0, "max_norm": 0.0, "clip_fraction": 0.0}
+    return {
+        "mean_norm": sum(h["grad_norm_mean"] for h in history) / len(history),
+        "max_norm": max(h["grad_norm_max"] for h in history),
+        "clip_fraction": sum(h["clip_fraction"] for h in history) / len(history),
+    }
+
+
+def _summary_line(e: dict[str, Any], epochs: int) -> str:
+    extra = "".join(f" {k}={v:.4f}" for k, v in e.items()
+                    if k.startswith("val_") and k != "val_loss" and isinstance(v, float))
+    skipped = f" skipped={e['skipped_steps']}" if e["skipped_steps"] else ""
+    return (f"epoch {e['epoch']}/{epochs} train_loss={e['train_loss']:.4f} "
+            f"val_loss={e['val_loss']:.4f}{extra} lr={e['lr']:.3g} "
+            f"grad_norm={e['grad_norm_mean']:.3g} clip={e['clip_fraction']:.0%}{skipped} "
+            f"({e['seconds']:.1f}s){' *' if e['improved'] else ''}")
+
+
+def _log_stability(s: dict[str, Any]) -> None:
+    g, w = s["gradients"], s["weights"]
+    if g["healthy"] and w["healthy"]:
+        log.info("epoch %d stability: healthy (grad norm %.4g, max |w| %.4g)", s["epoch"],
+                 g["total_norm"], w["max_weight"])
+    else:
+        log.warning("epoch %d stability: NaN/Inf in gradients of %s, weights of %s", s["epoch"],
+                    g["nan_grad_params"] + g["inf_grad_params"],
+                    w["nan_weight_params"] + w["inf_weight_params"])
+

@@ -1,0 +1,26 @@
+"""Small real models and loaders shared by the training tests."""
+
+import torch
+
+
+def make_data(n=96, seed=0, features=(8, 6), classes=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *features, generator=g)
+    y = (x.flatten(1)[:, :classes].argmax(-1)).long()
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def make_loaders(n=96, batch_size=16, seed=0, features=(8, 6), shuffle=True):
+    train = make_data(n, seed, features)
+    val = make_data(n // 2, seed + 1, features)
+    return (torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=shuffle),
+            torch.utils.data.DataLoader(val, batch_size=batch_size))
+
+
+def make_model(seed=0, features=(8, 6), classes=3):
+    torch.manual_seed(seed)
+    n = 1
+    for f in features:
+        n *= f
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(n, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, classes))
