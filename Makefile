@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python scripts/showcase.py
+	$(BIN)/advtrain train --task emotion --preset stable --out runs/demo
+	$(BIN)/advtrain report runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

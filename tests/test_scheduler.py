@@ -178,3 +178,19 @@ def test_rejects_bad_arguments(kwargs, exc, match):
 def test_rejects_non_optimizer():
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         LearningRateScheduler([1, 2], "cosine")
+
+
+def test_onecycle_holds_final_lr_past_horizon_and_keeps_saved_horizon(caplog):
+    o = _opt()
+    s = LearningRateScheduler(o, "onecycle", total_steps=5)
+    for _ in range(4):
+        o.step()
+        s.step()
+    final = s.get_lr()
+    for _ in range(3):
+        s.step()
+    assert s.get_lr() == final and s.step_count == 7
+    o2 = _opt()
+    s2 = LearningRateScheduler(o2, "onecycle", total_steps=50)
+    s2.load_state_dict(s.state_dict())
+    assert s2.total_steps == 5 and "keeps its horizon of 5 steps" in caplog.text

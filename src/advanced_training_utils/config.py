@@ -63,6 +63,7 @@ class TrainConfig:
     metrics: Any = None
     # output
     resume: bool | str | Path = False
+    metrics_file: Path | str | None = None
     tensorboard: bool = False
     verbose: bool = True
 
@@ -122,6 +123,8 @@ class TrainConfig:
             check_int("early_stop_patience", self.early_stop_patience, low=1)
         check_real("min_delta", self.min_delta, low=0.0)
         check_int("stability_every", self.stability_every, low=1)
+        if self.metrics_file is not None and not isinstance(self.metrics_file, (str, Path)):
+            raise TypeError(f"metrics_file must be a path or None, got {self.metrics_file!r}")
         if not isinstance(self.resume, (bool, str, Path)):
             raise TypeError(f"resume must be a bool or a path, got {self.resume!r}")
 

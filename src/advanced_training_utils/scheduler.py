@@ -28,12 +28,17 @@ starts from, which is reached at call ``W``; from then on the main schedule runs
 would have without warmup. Warmup counts in the scheduler's own interval (epochs for the epoch
 types, batches for ``onecycle``). During warmup, ``plateau`` ignores the metric.
 
+``onecycle`` past its ``total_steps`` holds its final LR instead of raising (torch raises);
+a resumed onecycle schedule keeps the horizon it was saved with (a warning says so when the
+new run asked for another).
+
 Counts are explicit: ``step_count`` is the number of ``step()`` calls so far and is saved by
 ``state_dict()``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -44,6 +49,8 @@ from torch.optim import lr_scheduler as tls
 from ._validate import check_choice, check_int, check_real
 
 __all__ = ["LearningRateScheduler", "SCHEDULER_TYPES"]
+
+log = logging.getLogger(__name__)
 
 SCHEDULER_TYPES = ("plateau", "cosine", "step", "exp", "onecycle")
 _INTERVALS = ("epoch", "batch")
@@ -247,6 +254,8 @@ class LearningRateScheduler:
             self._set_lrs(self._start_lrs)
         elif self.is_plateau:
             self.scheduler.step(metric)
+        elif self.scheduler_type == "onecycle" and self.scheduler.last_epoch >= self.total_steps - 1:
+            pass  # past the horizon: hold the final LR (torch would raise)
         else:
             self.scheduler.step()
 
@@ -280,6 +289,13 @@ class LearningRateScheduler:
         self.step_count = int(state["step_count"])
         self.warmup_steps = int(state["warmup_steps"])
         self._start_lrs = [float(x) for x in state["start_lrs"]]
+        if self.scheduler_type == "onecycle":
+            saved = int(state["scheduler"]["total_steps"])
+            if saved != self.total_steps:
+                log.warning("onecycle: the restored schedule keeps its horizon of %d steps (this "
+                            "run asked for %d); after it the LR stays at its final value",
+                            saved, self.total_steps)
+            self.total_steps = saved
         self.scheduler.load_state_dict(state["scheduler"])
 
     def __repr__(self) -> str:

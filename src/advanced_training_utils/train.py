@@ -156,7 +156,8 @@ class _Run:
         name = cfg.model_name
         self.best = self.dir / f"{name}_best.pt" if self.dir else None
         self.last = self.dir / f"{name}_last.pt" if self.dir else None
-        self.metrics = self.dir / f"{name}_metrics.jsonl" if self.dir else None
+        self.metrics = (Path(cfg.metrics_file) if cfg.metrics_file is not None
+                        else self.dir / f"{name}_metrics.jsonl" if self.dir else None)
         self.tb = None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -175,10 +176,19 @@ class _Run:
                 warnings.warn("tensorboard=True but tensorboard is not installed; skipping it",
                               RuntimeWarning, stacklevel=3)
 
+    def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
+        """Make the metrics file hold exactly ``history`` (after a resume)."""
+        if self.metrics is not None:
+            self.metrics.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics, "w") as f:
+                for entry in history:
+                    f.write(json.dumps(_nan_to_none(entry), default=_json_default) + "\n")
+
     def write_metrics(self, entry: dict[str, Any]) -> None:
         if self.metrics is not None:
+            self.metrics.parent.mkdir(parents=True, exist_ok=True)
             with open(self.metrics, "a") as f:
-                f.write(json.dumps(entry, default=_json_default) + "\n")
+                f.write(json.dumps(_nan_to_none(entry), default=_json_default) + "\n")
         if self.tb is not None:
             for k, v in entry.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -310,6 +320,8 @@ def train_model_advanced(
     best: dict[str, Any] = {"val_loss": math.inf, "epoch": 0, "state": None}
     start_epoch = 0
     resume_from = _resume_path(cfg, run)
+    if resume_from is None and run.metrics is not None and run.metrics.exists():
+        run.metrics.unlink()  # a fresh run starts a fresh metrics log
     if resume_from is not None:
         state = ck.load_checkpoint(resume_from, map_location=device)
         model.load_state_dict(state[ck.MODEL_KEY])
@@ -329,6 +341,7 @@ def train_model_advanced(
         if run.best is not None and run.best.exists() and cfg.restore_best_weights:
             best["state"] = ck.load_checkpoint(run.best, map_location=device)[ck.MODEL_KEY]
         ck.restore_rng(state[ck.RNG_KEY])
+        run.rewrite_metrics(history)
         log.info("resumed from %s at epoch %d", resume_from, start_epoch)
 
     # ---- epochs
@@ -396,9 +409,11 @@ def train_model_advanced(
                 + stability["weights"]["nan_weight_params"] + stability["weights"]["inf_weight_params"]))
         clipper.reset()
         history.append(entry)
-        run.write_metrics(_nan_to_none(entry))
-        progress.finish(_summary_line(entry, cfg.epochs))
-        log.info(_summary_line(entry, cfg.epochs))
+        run.write_metrics(entry)
+        if cfg.verbose:
+            progress.finish(_summary_line(entry, cfg.epochs))
+        else:
+            log.info(_summary_line(entry, cfg.epochs))
 
         if run.last is not None:
             payload = _payload(parts, sched, early, aug, cfg, history, epoch, best)

@@ -1,0 +1,111 @@
+"""The built-in tasks: data, model, loss and held-out evaluation for ``advtrain train``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .data import EMOTION_CLASSES, emotion_dataset, notes_dataset
+from .models import EmotionRecognizer, NoteGenerator
+
+__all__ = ["TASKS", "TASK_OPTIONS", "Task", "build_task"]
+
+#: Options of the task itself (not of train_model_advanced), with their defaults.
+TASK_OPTIONS: dict[str, dict[str, Any]] = {
+    "emotion": {"batch_size": 32, "per_piece": 5},
+    "notes": {"batch_size": 64},
+}
+
+#: Training defaults per task (a preset, a config file and --set override them).
+TASK_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "emotion": {"epochs": 20, "learning_rate": 3e-3, "metrics": "accuracy"},
+    "notes": {"epochs": 30, "learning_rate": 2e-3},
+}
+
+TASKS = tuple(TASK_OPTIONS)
+
+
+@dataclass
+class Task:
+    """Everything ``advtrain train`` needs for one task."""
+
+    name: str
+    model: torch.nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader
+    criterion: Callable[..., torch.Tensor]
+    evaluate_test: Callable[[torch.nn.Module, torch.device], dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _loaders(tensors: list[torch.Tensor], split: torch.Tensor, batch_size: int
+             ) -> tuple[DataLoader, DataLoader, DataLoader]:
+    def part(s: int) -> TensorDataset:
+        m = split == s
+        return TensorDataset(*[t[m] for t in tensors])
+
+    return (DataLoader(part(0), batch_size=batch_size, shuffle=True),
+            DataLoader(part(1), batch_size=256), DataLoader(part(2), batch_size=256))
+
+
+def _emotion(seed: int, opts: dict[str, Any]) -> Task:
+    d = emotion_dataset(seed=seed, per_piece=opts["per_piece"])
+    tl, vl, te = _loaders([d["mel"], d["label"]], d["split"], opts["batch_size"])
+
+    @torch.no_grad()
+    def evaluate_test(model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+        model.eval()
+        correct = total = 0
+        confusion = torch.zeros(4, 4, dtype=torch.long)
+        for x, y in te:
+            pred = model(x.to(device)).argmax(-1).cpu()
+            correct += int((pred == y).sum())
+            total += len(y)
+            confusion += torch.bincount(y * 4 + pred, minlength=16).view(4, 4)
+        counts = torch.bincount(d["label"][d["split"] == 2], minlength=4)
+        return {"test_accuracy": correct / total, "test_examples": total,
+                "majority_baseline_accuracy": float(counts.max()) / total,
+                "classes": list(EMOTION_CLASSES), "confusion": confusion.tolist()}
+
+    info = {"train_examples": len(tl.dataset), "val_examples": len(vl.dataset),
+            "test_examples": len(te.dataset), "input_shape": list(d["mel"].shape[1:])}
+    return Task("emotion", EmotionRecognizer(), tl, vl, te, torch.nn.CrossEntropyLoss(),
+                evaluate_test, info)
+
+
+def _notes(seed: int, opts: dict[str, Any]) -> Task:
+    d = notes_dataset()
+    tl, vl, te = _loaders([d["emotion"], d["notes"]], d["split"], opts["batch_size"])
+    train_mean = d["notes"][d["split"] == 0].mean(0)
+
+    @torch.no_grad()
+    def evaluate_test(model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+        model.eval()
+        bce = torch.nn.functional.binary_cross_entropy
+        x, y = te.dataset.tensors
+        probs = torch.sigmoid(model(x.to(device))).cpu().float()
+        base = train_mean.clamp(1e-6, 1 - 1e-6).expand_as(y)
+        queries = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], device=device)
+        q = torch.sigmoid(model(queries)).cpu()
+        names = {64: "E4", 63: "Eb4", 69: "A4", 68: "Ab4", 71: "B4", 70: "Bb4"}
+        probe = {mode: {n: round(float(q[i, p]), 4) for p, n in names.items()}
+                 for i, mode in enumerate(("major", "minor"))}
+        return {"test_bce": float(bce(probs, y)), "mean_baseline_bce": float(bce(base, y)),
+                "test_examples": len(y), "scale_degree_probe": probe}
+
+    info = {"train_examples": len(tl.dataset), "val_examples": len(vl.dataset),
+            "test_examples": len(te.dataset)}
+    return Task("notes", NoteGenerator(), tl, vl, te, torch.nn.BCEWithLogitsLoss(),
+                evaluate_test, info)
+
+
+def build_task(name: str, seed: int, options: dict[str, Any]) -> Task:
+    """Build task ``name`` with its options (unknown keys are an error upstream)."""
+    opts = {**TASK_OPTIONS[name], **options}
+    torch.manual_seed(seed)  # model initialisation
+    return (_emotion if name == "emotion" else _notes)(seed, opts)
