@@ -186,7 +186,7 @@ class DataAugmentation:
             if mask_value == "mean":
                 fill = stats.mean(dim=dims, keepdim=True).to(x.dtype)
             else:
-                fill = torch.tensor(float(mask_value), dtype=x.dtype, device=x.device)
+                fill = torch.full((), float(mask_value), dtype=x.dtype, device=x.device)
             out = torch.where(mask, fill, out)
         if out is x4:
             out = x4.clone()
