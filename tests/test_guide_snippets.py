@@ -1,17 +1,20 @@
 """Every Python snippet of the user's guide runs as written against the package.
 
 The guide lives in ``../shared/spec/advanced-training-guide.md`` beside the checkout (CI lays
-``shared/`` there). The snippets use names the guide assumes exist (``model``, ``optimizer``,
+``shared/`` there); ``$ADVTRAIN_GUIDE`` points elsewhere (used on the GPU machine). The snippets use names the guide assumes exist (``model``, ``optimizer``,
 ``train_loader``...); the namespace below supplies small real ones.
 """
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-GUIDE = Path(__file__).resolve().parents[2] / "shared" / "spec" / "advanced-training-guide.md"
+GUIDE = Path(os.environ.get(
+    "ADVTRAIN_GUIDE",
+    Path(__file__).resolve().parents[2] / "shared" / "spec" / "advanced-training-guide.md"))
 
 
 def _snippets():
@@ -81,6 +84,10 @@ def test_core_section_runs_as_written(section, tmp_path, monkeypatch):
         assert ns["grad_stats"]["healthy"] and ns["weight_stats"]["healthy"]
 
 
+NEEDS_GUIDE = pytest.mark.skipif(not SNIPPETS, reason="guide not found (test_guide_found fails)")
+
+
+@NEEDS_GUIDE
 def test_complete_example_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     ns = _namespace()
@@ -93,6 +100,7 @@ def test_complete_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert res["best_epoch"] >= 1 and (tmp_path / "checkpoints" / "emotion_recognizer_best.pt").exists()
 
 
+@NEEDS_GUIDE
 @pytest.mark.parametrize("index", range(3))
 def test_preset_dicts_run_as_written(index, tmp_path, monkeypatch):
     from advanced_training_utils import train_model_advanced
