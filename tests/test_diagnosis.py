@@ -35,6 +35,8 @@ CASES = {
     "vanishing_gradients": _h(_decay(6), _decay(6), gmean=[1e-3, 1e-6, 1e-7, 1e-7, 1e-7, 1e-7],
                               gmax=[1e-2, 1e-5, 1e-6, 1e-6, 1e-6, 1e-6]),
     "skipped_steps": _h(_decay(6), _decay(6), skipped=[0, 3, 0, 0, 1, 0]),
+    "rollbacks": [dict(h, recovery_event="median loss 9 > 3 x 1; restored, lr x0.5")
+                  if h["epoch"] == 3 else h for h in _h(_decay(6), _decay(6))],
 }
 
 

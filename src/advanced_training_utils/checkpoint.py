@@ -29,7 +29,7 @@ __all__ = [
     "EPOCH_KEY", "FORMAT_KEY", "FORMAT_VERSION", "GUARD_KEY", "HISTORY_KEY", "MODEL_KEY",
     "OPTIMIZER_KEY", "PRECISION_KEY", "RNG_KEY", "SCHEDULER_KEY", "STEP_KEY", "BEST_KEY",
     "CheckpointError", "capture_rng", "restore_rng", "save_checkpoint", "load_checkpoint",
-    "payload_digest",
+    "payload_digest", "rotate_and_save", "find_resumable", "checkpoint_chain",
 ]
 
 FORMAT_VERSION = 1
@@ -159,6 +159,57 @@ def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, An
     if payload_digest(obj) != obj[CHECKSUM_KEY]:
         raise CheckpointError(path, "checksum mismatch: the contents were altered or corrupted")
     return obj
+
+
+def checkpoint_chain(last: Path, keep_last: int) -> list[Path]:
+    """``[last, last.1, ..., last.(keep_last-1)]``: newest first."""
+    return [last] + [last.with_name(f"{last.stem}.{i}{last.suffix}") for i in range(1, keep_last)]
+
+
+def rotate_and_save(last: Path, payload: Mapping[str, Any], keep_last: int = 2) -> Path:
+    """Save ``payload`` as ``last``, keeping the ``keep_last - 1`` previous ones as ``.1``, ``.2``...
+
+    Older files are renamed before the new one is written; whatever happens, the newest complete
+    checkpoint stays on disk (as ``last`` or ``last.1``), and :func:`find_resumable` finds it.
+    """
+    chain = checkpoint_chain(Path(last), keep_last)
+    if keep_last > 1 and chain[0].exists():
+        if chain[-1].exists():
+            chain[-1].unlink()
+        for older, newer in zip(reversed(chain[1:]), reversed(chain[:-1])):
+            if newer.exists():
+                os.replace(newer, older)
+    return save_checkpoint(chain[0], payload)
+
+
+def find_resumable(last: Path, keep_last: int = 2, map_location: Any = "cpu"
+                   ) -> tuple[Path, dict[str, Any]] | None:
+    """The newest intact checkpoint of the chain of ``last``; None when there is none at all.
+
+    A corrupted newer file is skipped with a warning naming it and the problem.
+
+    Raises:
+        CheckpointError: files exist but none of them is intact.
+    """
+    import logging
+
+    log = logging.getLogger(__name__)
+    problems = []
+    for path in checkpoint_chain(Path(last), max(keep_last, 8)):
+        if not path.exists():
+            continue
+        try:
+            obj = load_checkpoint(path, map_location=map_location)
+        except CheckpointError as e:
+            problems.append(str(e))
+            log.warning("resume: skipping %s", e)
+            continue
+        if problems:
+            log.warning("resume: falling back to the newest intact checkpoint %s", path)
+        return path, obj
+    if problems:
+        raise CheckpointError(last, "no intact checkpoint to resume from: " + "; ".join(problems))
+    return None
 
 
 def capture_rng() -> dict[str, Any]:

@@ -61,6 +61,18 @@ class TrainConfig:
     check_stability: bool = False
     stability_every: int = 10
     metrics: Any = None
+    # crash safety and recovery
+    checkpoint_every_n_steps: int | None = None
+    keep_last: int = 2
+    handle_signals: bool = True
+    recovery: bool = True
+    spike_factor: float | None = 10.0
+    spike_window: int = 20
+    rollback_after: int = 5
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
+    divergence_factor: float = 3.0
+    recovery_check_every: int | None = None
     # output
     resume: bool | str | Path = False
     metrics_file: Path | str | None = None
@@ -101,7 +113,8 @@ class TrainConfig:
         if self.seed is not None:
             check_int("seed", self.seed, low=0)
         for name in ("use_scheduler", "use_mixed_precision", "use_augmentation",
-                     "restore_best_weights", "check_stability", "tensorboard", "verbose"):
+                     "restore_best_weights", "check_stability", "tensorboard", "verbose",
+                     "handle_signals", "recovery"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_choice("scheduler_type", self.scheduler_type, SCHEDULER_TYPES)
@@ -125,6 +138,19 @@ class TrainConfig:
         check_int("stability_every", self.stability_every, low=1)
         if self.metrics_file is not None and not isinstance(self.metrics_file, (str, Path)):
             raise TypeError(f"metrics_file must be a path or None, got {self.metrics_file!r}")
+        if self.checkpoint_every_n_steps is not None:
+            check_int("checkpoint_every_n_steps", self.checkpoint_every_n_steps, low=1)
+        check_int("keep_last", self.keep_last, low=1)
+        if self.spike_factor is not None:
+            check_real("spike_factor", self.spike_factor, low=1.0, low_inclusive=False)
+        check_int("spike_window", self.spike_window, low=2)
+        check_int("rollback_after", self.rollback_after, low=1)
+        check_real("rollback_lr_factor", self.rollback_lr_factor, low=0.0, high=1.0,
+                   low_inclusive=False, high_inclusive=False)
+        check_int("max_rollbacks", self.max_rollbacks, low=0)
+        check_real("divergence_factor", self.divergence_factor, low=1.0, low_inclusive=False)
+        if self.recovery_check_every is not None:
+            check_int("recovery_check_every", self.recovery_check_every, low=1)
         if not isinstance(self.resume, (bool, str, Path)):
             raise TypeError(f"resume must be a bool or a path, got {self.resume!r}")
 

@@ -6,7 +6,6 @@ them once at the end of the epoch with :func:`read_sums`.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +124,18 @@ class EpochSums:
     optimizer_steps: int = 0
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def state_dict(self) -> dict[str, Any]:
+        """For mid-epoch checkpoints: tensors on the CPU, counts as ints."""
+        return {"loss": self.loss.detach().cpu(), "finite_examples": self.finite_examples.cpu(),
+                "examples": self.examples, "batches": self.batches,
+                "optimizer_steps": self.optimizer_steps}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochSums:
+        return cls(loss=state["loss"].to(device), finite_examples=state["finite_examples"].to(device),
+                   examples=int(state["examples"]), batches=int(state["batches"]),
+                   optimizer_steps=int(state["optimizer_steps"]))
+
     @classmethod
     def zeros(cls, device: torch.device) -> EpochSums:
         return cls(loss=torch.zeros((), device=device, dtype=torch.float64 if device.type != "mps"
@@ -132,25 +143,46 @@ class EpochSums:
                    finite_examples=torch.zeros((), device=device))
 
 
-def train_epoch(parts: Parts, loader: Iterable[Any],
-                progress: Callable[[EpochSums, int], None] | None = None) -> EpochSums:
-    """Train over ``loader`` once.
+def _forward(p: Parts, x: Any, y: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model and loss under autocast; a failure names the batch instead of a torch internal."""
+    try:
+        with p.precision.autocast():
+            out = p.model(x)
+            loss = p.criterion(out, y)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, IndexError, ValueError, TypeError) as e:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{where}: the model or criterion failed on inputs shaped {shape}: "
+                         f"{str(e).splitlines()[0]}") from e
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"{where}: criterion must return a scalar (0-d) loss tensor, got {got}")
+    return out, loss
 
-    Per batch: augment (train only) -> autocast forward -> loss / accumulation_steps -> scaled
-    backward; at each accumulation boundary: unscale -> clip -> guard (step or skip) -> scaler
-    update -> per-batch scheduler step. Gradients are zeroed at the start of each accumulation
-    window, so the last step's gradients are still there after the epoch (for stability checks).
+
+def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = None,
+                start: int = 0, n_batches: int | None = None,
+                after_step: Callable[[int, EpochSums], None] | None = None,
+                progress: Callable[[EpochSums, int], None] | None = None,
+                epoch: int = 0) -> EpochSums:
+    """Train over ``loader`` once (from batch ``start`` when resuming mid-epoch).
+
+    Per batch: augment (train only) -> autocast forward -> loss / window -> scaled backward; at
+    each accumulation boundary: unscale -> clip -> guard (step or skip) -> scaler update ->
+    per-batch scheduler step -> ``after_step(batches_done, sums)`` (checkpoints, preemption,
+    recovery checks). Gradients are zeroed at the start of each accumulation window, so the last
+    step's gradients are still there after the epoch (for stability checks).
 
     Returns:
         The epoch's device-side sums (see :class:`EpochSums`).
     """
     p = parts
     p.model.train()
-    sums = EpochSums.zeros(p.device)
-    n_batches = len(loader) if hasattr(loader, "__len__") else None
+    sums = sums if sums is not None else EpochSums.zeros(p.device)
     accum = p.accumulation_steps
-    window_loss = None
-    for i, batch in enumerate(loader):
+    window, window_loss = accum, None
+    for i, batch in enumerate(loader, start=start):
         x, y = split_batch(batch)
         x, y = _to(x, p.device), _to(y, p.device)
         if p.augment is not None:
@@ -161,9 +193,7 @@ def train_epoch(parts: Parts, loader: Iterable[Any],
             # Micro-batches in this window: the last window may be short.
             window = accum if n_batches is None else min(accum, n_batches - i)
             window_loss = None
-        with p.precision.autocast():
-            out = p.model(x)
-            loss = p.criterion(out, y)
+        out, loss = _forward(p, x, y, f"epoch {epoch}, batch {i}")
         p.precision.scale_loss(loss / window).backward()
         bs = _batch_size(y)
         ld = loss.detach()
@@ -172,11 +202,11 @@ def train_epoch(parts: Parts, loader: Iterable[Any],
         sums.finite_examples += finite.float() * bs
         sums.examples += bs
         sums.batches += 1
-        window_loss = ld if window_loss is None else window_loss + ld
+        window_loss = ld / window if window_loss is None else window_loss + ld / window
         if in_window == window - 1:
             p.precision.unscale_(p.optimizer)
             norm = p.clipper.clip(p.model)
-            bad = StepGuard.is_bad(window_loss, norm)
+            bad = p.guard.is_bad(window_loss, norm)
             stepped = p.guard.step(bad)
             p.precision.update()
             sums.optimizer_steps += 1
@@ -185,6 +215,8 @@ def train_epoch(parts: Parts, loader: Iterable[Any],
                     stepped = not bool(bad)  # host read: the schedule must not advance on a skip
                 if stepped:
                     p.scheduler.step()
+            if after_step is not None:
+                after_step(i + 1, sums)
         if progress is not None:
             progress(sums, i)
     return sums
@@ -201,9 +233,7 @@ def evaluate(parts: Parts, loader: Iterable[Any]) -> EpochSums:
     for batch in loader:
         x, y = split_batch(batch)
         x, y = _to(x, p.device), _to(y, p.device)
-        with p.precision.autocast():
-            out = p.model(x)
-            loss = p.criterion(out, y)
+        out, loss = _forward(p, x, y, f"validation batch {sums.batches}")
         bs = _batch_size(y)
         ld = loss.detach()
         finite = torch.isfinite(ld)
@@ -216,25 +246,23 @@ def evaluate(parts: Parts, loader: Iterable[Any]) -> EpochSums:
     return sums
 
 
-def read_sums(train: EpochSums, val: EpochSums | None, skipped: torch.Tensor | None,
-              clip_stats: torch.Tensor | None = None) -> dict[str, Any]:
-    """Read an epoch's device sums on the host in one transfer.
+def read_sums(train: EpochSums, val: EpochSums | None,
+              extra: dict[str, torch.Tensor | None] | None = None) -> dict[str, Any]:
+    """Read an epoch's device sums (and ``extra`` 0-d device values) in one transfer.
 
     Returns:
         ``train_loss`` and ``val_loss`` (mean over examples whose batch loss was finite; NaN when
-        none was), ``nonfinite_train_batches`` (examples in non-finite batches), ``skipped_steps``
-        and ``val_<metric>`` values.
+        none was), ``nonfinite_train_examples``, ``val_<metric>`` values and each ``extra`` key
+        as a float (None values read as 0.0).
     """
-    t0 = time.perf_counter()
     device = train.loss.device
-    vals = [train.loss.double(), train.finite_examples.double()]
     names = list(val.metrics) if val is not None else []
+    vals = [train.loss, train.finite_examples]
     if val is not None:
-        vals += [val.loss.double(), val.finite_examples.double()]
-        vals += [val.metrics[n].double() for n in names]
-    vals.append((skipped if skipped is not None else torch.zeros((), device=device)).double()
-                .to(device))
-    host = torch.stack([v.to(device) for v in vals]).tolist()
+        vals += [val.loss, val.finite_examples] + [val.metrics[n] for n in names]
+    extra = extra or {}
+    vals += [v if v is not None else torch.zeros((), device=device) for v in extra.values()]
+    host = torch.stack([v.detach().double().to(device) for v in vals]).tolist()
     out: dict[str, Any] = {}
     out["train_loss"] = host[0] / host[1] if host[1] else float("nan")
     out["nonfinite_train_examples"] = int(train.examples - host[1])
@@ -244,6 +272,6 @@ def read_sums(train: EpochSums, val: EpochSums | None, skipped: torch.Tensor | N
         for j, n in enumerate(names):
             out[f"val_{n}"] = host[4 + j] / val.examples if val.examples else float("nan")
         k = 4 + len(names)
-    out["skipped_steps"] = int(host[k])
-    out["_read_seconds"] = time.perf_counter() - t0
+    for j, key in enumerate(extra):
+        out[key] = host[k + j]
     return out

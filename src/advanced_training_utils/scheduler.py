@@ -259,6 +259,22 @@ class LearningRateScheduler:
         else:
             self.scheduler.step()
 
+    def scale_lr(self, factor: float) -> None:
+        """Multiply every LR this schedule uses (current, base, warmup target, onecycle bounds)
+        by ``factor``; the schedule's shape is kept. Used by divergence recovery."""
+        check_real("factor", factor, low=0.0, low_inclusive=False)
+        for g in self.optimizer.param_groups:
+            g["lr"] *= factor
+            for key in ("initial_lr", "max_lr", "min_lr"):
+                if key in g:
+                    g[key] *= factor
+        sch = self.scheduler
+        if hasattr(sch, "base_lrs"):
+            sch.base_lrs = [b * factor for b in sch.base_lrs]
+        if getattr(sch, "_last_lr", None) is not None:
+            sch._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
+        self._start_lrs = [x * factor for x in self._start_lrs]
+
     def get_lr(self) -> float:
         """The current learning rate of the first param group."""
         return float(self.optimizer.param_groups[0]["lr"])

@@ -1,9 +1,9 @@
 """Health checks of a model's gradients and weights that name what is wrong.
 
 Each check computes per-parameter norms with torch's ``_foreach_norm`` kernels (L2, L1, max-abs
-and min-abs; a tensor holding NaN has a NaN L2 norm and one holding Inf an Inf L2 norm, which is
+and min-abs; a tensor holding NaN has NaN norms and one holding Inf an Inf max-abs norm, which is
 how offending parameters are found without elementwise scans) and reads all of them in one host
-transfer.
+transfer (plus one per tensor so large that its float32 L2 norm overflows).
 
 Counts such as ``nan_grads`` are numbers of *parameters* (tensors) holding at least one NaN; the
 names are in ``nan_grad_params``. ``max_*``, ``min_*`` and ``mean_*`` are over the absolute
@@ -40,9 +40,16 @@ def _norm_table(tensors: list[torch.Tensor]) -> list[list[float]]:
 
 def _summarise(named: list[tuple[str, torch.Tensor]], kind: str) -> dict[str, Any]:
     rows = _norm_table([t.detach() for _, t in named])
-    nan_names = [n for (n, _), r in zip(named, rows) if math.isnan(r[0])]
-    inf_names = [n for (n, _), r in zip(named, rows) if math.isinf(r[0])]
-    ok = [(n, t, r) for (n, t), r in zip(named, rows) if math.isfinite(r[0])]
+    # NaN anywhere makes the L2 and max-abs norms NaN; +-Inf makes the max-abs norm Inf. A huge
+    # finite tensor can overflow its float32 L2 norm alone: recompute that one in float64.
+    for (_, t), r in zip(named, rows):
+        if math.isinf(r[0]) and math.isfinite(r[2]):
+            r[0] = float(torch.linalg.vector_norm(t.detach().double()))
+    nan_names = [n for (n, _), r in zip(named, rows) if math.isnan(r[0]) or math.isnan(r[2])]
+    inf_names = [n for (n, _), r in zip(named, rows)
+                 if math.isinf(r[2]) and not (math.isnan(r[0]) or math.isnan(r[2]))]
+    bad = set(nan_names) | set(inf_names)
+    ok = [(n, t, r) for (n, t), r in zip(named, rows) if n not in bad]
     numel = sum(t.numel() for _, t, _ in ok)
     return {
         f"max_{kind}": max((r[2] for *_, r in ok), default=0.0),

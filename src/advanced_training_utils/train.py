@@ -4,16 +4,21 @@ The run, top to bottom:
 
 1. options -> :class:`TrainConfig` (validated once; unknown options are an error);
 2. parts built from the config: optimizer, precision, clipper, guard, scheduler, augmentation,
-   early stopping; each is a real object or a no-op with the same methods;
-3. resume, if asked: every part's ``load_state_dict`` from the checkpoint, RNG states included;
-4. per epoch: :func:`loop.train_epoch`, :func:`loop.evaluate`, one host read of the epoch's
-   numbers, then the epoch-level decisions (plateau/epoch scheduler, early stopping, best
-   weights, stability checks), checkpoints and the metrics line;
+   early stopping, recovery; each is a real object or a no-op with the same methods;
+3. resume, if asked: every part's ``load_state_dict`` from the newest intact checkpoint, RNG
+   states and the position in the epoch included;
+4. per epoch: :func:`loop.train_epoch` (which calls back after every optimizer step for
+   step checkpoints, preemption and recovery checks), :func:`loop.evaluate`, one host read of
+   the epoch's numbers, then the epoch-level decisions (plateau/epoch scheduler, early stopping,
+   best weights, stability checks, recovery), checkpoints and the metrics line;
 5. at the end the best weights are restored (unless ``restore_best_weights=False``) and a result
    dict is returned.
 
 Devices: ``'auto'`` picks CUDA, then MPS, then CPU. ``'cuda'`` on a machine without CUDA logs a
 warning and runs on the CPU (the guide's examples say ``'cuda'``; they still run on a laptop).
+
+Checkpoint writes that fail (a full disk, say) leave the previous checkpoint intact, are logged,
+and training goes on; after 3 failures in a row the run stops with :class:`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -33,17 +38,25 @@ from . import checkpoint as ck
 from .augmentation import DataAugmentation
 from .clipping import GradientClipper
 from .config import TrainConfig
+from .dataorder import make_resumable
 from .early_stopping import EarlyStopping
 from .guard import StepGuard
-from .loop import Parts, evaluate, read_sums, resolve_metrics, split_batch, train_epoch
+from .loop import EpochSums, Parts, evaluate, read_sums, resolve_metrics, split_batch, train_epoch
 from .precision import MixedPrecisionTrainer
+from .preemption import PreemptionHandler, TrainingPreempted
 from .progress import Progress
+from .recovery import Recovery
 from .scheduler import LearningRateScheduler
 from .stability import TrainingStability
 
 __all__ = ["train_model_advanced", "resolve_device", "infer_modality"]
 
 log = logging.getLogger(__name__)
+
+_MAX_WRITE_FAILURES = 3
+LOADER_KEY = "epoch_order"
+SUMS_KEY = "epoch_sums"
+RECOVERY_KEY = "recovery"
 
 
 # ---------------------------------------------------------------------------- setup helpers
@@ -85,8 +98,7 @@ def infer_modality(x: torch.Tensor) -> str:
                      "pass augment='audio'|'emotion'|'notes' or a callable")
 
 
-def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module,
-                     device: torch.device) -> torch.optim.Optimizer:
+def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters (requires_grad=True): nothing to train")
@@ -127,10 +139,40 @@ def _build_augment(cfg: TrainConfig, sample: Any, seed: int | None
     return (lambda x: fn(x, **opts)), aug
 
 
-def _first_batch_inputs(loader: Iterable[Any]) -> Any:
-    for batch in loader:
-        return split_batch(batch)[0]
+def _first_batch(loader: Iterable[Any]) -> tuple[Any, Any]:
+    """Peek at the first batch without disturbing any RNG (the data order stays the same)."""
+    rng = ck.capture_rng()
+    try:
+        for batch in loader:
+            return split_batch(batch)
+    finally:
+        ck.restore_rng(rng)
     raise ValueError("train_loader is empty: it yielded no batch")
+
+
+def _check_labels(criterion: Any, model: torch.nn.Module, x: Any, y: Any,
+                  device: torch.device) -> None:
+    """For class-index losses, check the first batch's labels against the model's outputs."""
+    if not isinstance(criterion, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)):
+        return
+    if not isinstance(y, torch.Tensor) or y.is_floating_point():
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:1].to(device) if isinstance(x, torch.Tensor) else x)
+    except Exception:
+        return  # the training loop reports forward failures with their batch position
+    finally:
+        model.train(was_training)
+    classes = out.shape[1] if out.dim() > 1 else out.shape[0]
+    ignore = getattr(criterion, "ignore_index", -100)
+    valid = y[y != ignore]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= classes):
+        raise ValueError(f"class labels must be in [0, {classes - 1}] for a model with "
+                         f"{classes} outputs; the first batch holds labels "
+                         f"{int(valid.min())}..{int(valid.max())}")
 
 
 def _check_inputs(model: Any, train_loader: Any, val_loader: Any, criterion: Any) -> None:
@@ -143,22 +185,30 @@ def _check_inputs(model: Any, train_loader: Any, val_loader: Any, criterion: Any
             continue
         if not hasattr(loader, "__iter__"):
             raise TypeError(f"{name} must be an iterable of batches, got {type(loader).__name__}")
+    if iter(train_loader) is train_loader:
+        raise TypeError("train_loader must be re-iterable once per epoch (a DataLoader, a list of "
+                        "batches...), got a one-shot iterator/generator")
     if hasattr(train_loader, "__len__") and len(train_loader) == 0:
         raise ValueError("train_loader is empty (len 0): nothing to train on")
+    if val_loader is not None and hasattr(val_loader, "__len__") and len(val_loader) == 0:
+        raise ValueError("val_loader is empty (len 0); pass val_loader=None to follow the "
+                         "training loss instead")
 
 
-# ---------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------- run files
 class _Run:
     """Paths and writers of one run (no-ops when checkpoint_dir is None)."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
+        self.keep_last = cfg.keep_last
         name = cfg.model_name
         self.best = self.dir / f"{name}_best.pt" if self.dir else None
         self.last = self.dir / f"{name}_last.pt" if self.dir else None
         self.metrics = (Path(cfg.metrics_file) if cfg.metrics_file is not None
                         else self.dir / f"{name}_metrics.jsonl" if self.dir else None)
         self.tb = None
+        self.failures = 0
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".{name}.write-test"
@@ -166,7 +216,7 @@ class _Run:
                 probe.write_bytes(b"ok")
                 probe.unlink()
             except OSError as e:
-                raise OSError(f"checkpoint_dir {self.dir} is not writable: {e}") from e
+                raise ck.CheckpointError(self.dir, f"checkpoint_dir is not writable ({e})") from e
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -176,19 +226,37 @@ class _Run:
                 warnings.warn("tensorboard=True but tensorboard is not installed; skipping it",
                               RuntimeWarning, stacklevel=3)
 
+    def save(self, payload_fn: Callable[[], dict[str, Any]], best: bool) -> None:
+        """Write ``_last.pt`` (and ``_best.pt``); a failed write is logged, 3 in a row raise."""
+        if self.last is None:
+            return
+        payload = payload_fn()
+        try:
+            if best:
+                ck.save_checkpoint(self.best, payload)
+            ck.rotate_and_save(self.last, payload, self.keep_last)
+            self.failures = 0
+        except OSError as e:
+            self.failures += 1
+            log.error("checkpoint write failed (%d in a row; previous checkpoint kept): %s",
+                      self.failures, e)
+            if self.failures >= _MAX_WRITE_FAILURES:
+                raise ck.CheckpointError(self.last, f"{self.failures} checkpoint writes failed "
+                                         f"in a row; last error: {e}") from e
+
     def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
         """Make the metrics file hold exactly ``history`` (after a resume)."""
         if self.metrics is not None:
             self.metrics.parent.mkdir(parents=True, exist_ok=True)
             with open(self.metrics, "w") as f:
                 for entry in history:
-                    f.write(json.dumps(_nan_to_none(entry), default=_json_default) + "\n")
+                    f.write(json.dumps(_nan_to_none(entry), default=str) + "\n")
 
     def write_metrics(self, entry: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.parent.mkdir(parents=True, exist_ok=True)
             with open(self.metrics, "a") as f:
-                f.write(json.dumps(_nan_to_none(entry), default=_json_default) + "\n")
+                f.write(json.dumps(_nan_to_none(entry), default=str) + "\n")
         if self.tb is not None:
             for k, v in entry.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -197,41 +265,6 @@ class _Run:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-def _json_default(o: Any) -> Any:
-    return str(o)
-
-
-def _payload(parts: Parts, sched: LearningRateScheduler | None, early: EarlyStopping | None,
-             aug: DataAugmentation | None, cfg: TrainConfig, history: list[dict[str, Any]],
-             epoch: int, best: dict[str, Any]) -> dict[str, Any]:
-    return {
-        ck.MODEL_KEY: parts.model.state_dict(),
-        ck.OPTIMIZER_KEY: parts.optimizer.state_dict(),
-        ck.SCHEDULER_KEY: sched.state_dict() if sched is not None else None,
-        ck.PRECISION_KEY: parts.precision.state_dict(),
-        ck.CLIPPER_KEY: parts.clipper.state_dict(),
-        ck.GUARD_KEY: parts.guard.state_dict(),
-        ck.EARLY_STOPPING_KEY: early.state_dict() if early is not None else None,
-        ck.AUGMENTATION_KEY: aug.state_dict() if aug is not None else None,
-        ck.HISTORY_KEY: history,
-        ck.EPOCH_KEY: epoch,
-        ck.STEP_KEY: 0,
-        ck.BEST_KEY: {k: v for k, v in best.items() if k != "state"},
-        ck.RNG_KEY: ck.capture_rng(),
-        ck.CONFIG_KEY: cfg.to_plain(),
-    }
-
-
-def _resume_path(cfg: TrainConfig, run: _Run) -> Path | None:
-    if cfg.resume is False:
-        return None
-    if cfg.resume is True:
-        if run.last is None:
-            raise ValueError("resume=True needs checkpoint_dir")
-        return run.last if run.last.exists() else None
-    return Path(cfg.resume)
 
 
 def _nan_to_none(entry: dict[str, Any]) -> dict[str, Any]:
@@ -248,7 +281,7 @@ def train_model_advanced(
     **options: Any,
 ) -> dict[str, Any]:
     """Train ``model`` with scheduling, clipping, mixed precision, augmentation, early stopping,
-    stability checks, a non-finite-step guard and checkpoints.
+    stability checks, a bad-step guard with divergence recovery, and crash-safe checkpoints.
 
     Args:
         model: the module to train; it is moved to the device and ends holding the trained
@@ -267,17 +300,26 @@ def train_model_advanced(
             ``early_stop_patience``, ``min_delta``, ``check_stability`` with
             ``stability_every``, ``optimizer`` (an optimizer or a factory of the parameters;
             default fused AdamW with ``weight_decay``), ``accumulation_steps``, ``metrics``,
-            ``seed``, ``resume`` (True: ``{model_name}_last.pt``; or a path),
-            ``restore_best_weights``, ``tensorboard``, ``verbose``.
+            ``seed``, ``resume`` (True: the newest intact ``{model_name}_last*.pt``; or a path),
+            ``checkpoint_every_n_steps``, ``keep_last``, ``handle_signals``, ``recovery`` with
+            ``spike_factor``, ``spike_window``, ``rollback_after``, ``rollback_lr_factor``,
+            ``max_rollbacks``, ``recovery_check_every``; ``restore_best_weights``,
+            ``tensorboard``, ``verbose``.
 
     Returns:
         dict with ``best_val_loss``, ``best_epoch`` (1-based; 0 if no epoch improved),
         ``history`` (one dict per epoch), ``stopped_early``, ``epochs_run``, ``best_checkpoint``
         and ``last_checkpoint`` (paths or None), ``grad_stats`` (the clipper's statistics over
-        the run), ``stability`` (the last check's findings or None), ``skipped_steps``.
+        the run), ``stability`` (the last check's findings or None), ``skipped_steps``,
+        ``rollbacks`` and ``recovery_events``.
 
     Raises:
-        TypeError / ValueError: bad options, model, loaders or criterion, named in the message.
+        TypeError / ValueError: bad options, model, loaders, labels or criterion, named.
+        CheckpointError: an unusable checkpoint folder, no intact checkpoint to resume from, or
+            repeated failed writes.
+        TrainingDivergedError: recovery used up its rollbacks (``.diagnosis`` says why).
+        TrainingPreempted: after SIGTERM/SIGINT and the checkpoint (a ``SystemExit``; code 143
+            or 130).
     """
     cfg = TrainConfig.from_options(**options)
     _check_inputs(model, train_loader, val_loader, criterion)
@@ -288,14 +330,16 @@ def train_model_advanced(
     run = _Run(cfg)
 
     # ---- parts
-    optimizer = _build_optimizer(cfg, model, device)
+    optimizer = _build_optimizer(cfg, model)
     amp_dtype = cfg.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         precision = MixedPrecisionTrainer(enabled=cfg.use_mixed_precision,
                                           device=device.type, dtype=amp_dtype)
     clipper = GradientClipper(cfg.gradient_clip if cfg.gradient_clip is not None else math.inf)
-    guard = StepGuard(optimizer)
+    guard = StepGuard(optimizer, enabled=cfg.recovery,
+                      spike_factor=cfg.spike_factor if cfg.recovery else None,
+                      spike_window=cfg.spike_window)
     n_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
     steps_per_epoch = max(1, math.ceil(n_batches / cfg.accumulation_steps)) if n_batches else None
     sched = None
@@ -304,9 +348,9 @@ def train_model_advanced(
             raise ValueError("scheduler_type='onecycle' needs a train_loader with a length")
         sched = LearningRateScheduler(optimizer, cfg.scheduler_type,
                                       **cfg.scheduler_options(steps_per_epoch or 1))
-    augment, aug = _build_augment(cfg, _first_batch_inputs(train_loader)
-                                  if cfg.use_augmentation and cfg.augment is None else None,
-                                  cfg.seed)
+    x0, y0 = _first_batch(train_loader)
+    _check_labels(criterion, model, x0, y0, device)
+    augment, aug = _build_augment(cfg, x0, cfg.seed)
     early = (EarlyStopping(cfg.early_stop_patience, cfg.min_delta)
              if cfg.early_stop_patience is not None else None)
     if val_loader is None and (early is not None or (sched is not None and sched.is_plateau)):
@@ -314,16 +358,55 @@ def train_model_advanced(
     parts = Parts(model=model, criterion=criterion, optimizer=optimizer, precision=precision,
                   clipper=clipper, guard=guard, scheduler=sched, augment=augment, device=device,
                   accumulation_steps=cfg.accumulation_steps, metrics=resolve_metrics(cfg.metrics))
+    recovery = Recovery(parts, sched, enabled=cfg.recovery, rollback_after=cfg.rollback_after,
+                        lr_factor=cfg.rollback_lr_factor, max_rollbacks=cfg.max_rollbacks,
+                        divergence_factor=cfg.divergence_factor)
+    loader = make_resumable(train_loader)
 
-    # ---- resume
+    # ---- progress of the run (what a checkpoint captures besides the parts)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"val_loss": math.inf, "epoch": 0, "state": None}
-    start_epoch = 0
-    resume_from = _resume_path(cfg, run)
-    if resume_from is None and run.metrics is not None and run.metrics.exists():
+    epochs_done, start_batch = 0, 0
+    sums: EpochSums | None = None
+    epoch_started = time.perf_counter()
+
+    def payload(epoch_done: int, batch: int, epoch_sums: EpochSums | None) -> dict[str, Any]:
+        return {
+            ck.MODEL_KEY: model.state_dict(),
+            ck.OPTIMIZER_KEY: optimizer.state_dict(),
+            ck.SCHEDULER_KEY: sched.state_dict() if sched is not None else None,
+            ck.PRECISION_KEY: precision.state_dict(),
+            ck.CLIPPER_KEY: clipper.state_dict(),
+            ck.GUARD_KEY: guard.state_dict(),
+            ck.EARLY_STOPPING_KEY: early.state_dict() if early is not None else None,
+            ck.AUGMENTATION_KEY: aug.state_dict() if aug is not None else None,
+            RECOVERY_KEY: recovery.state_dict(),
+            ck.HISTORY_KEY: history,
+            ck.EPOCH_KEY: epoch_done,
+            ck.STEP_KEY: batch,
+            LOADER_KEY: loader.order_state() if batch else None,
+            SUMS_KEY: epoch_sums.state_dict() if (batch and epoch_sums is not None) else None,
+            ck.BEST_KEY: {k: v for k, v in best.items() if k != "state"},
+            ck.RNG_KEY: ck.capture_rng(),
+            ck.CONFIG_KEY: cfg.to_plain(),
+        }
+
+    # ---- resume
+    found = None
+    if cfg.resume is True:
+        if run.last is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+        found = ck.find_resumable(run.last, cfg.keep_last, map_location=device)
+        if found is None:
+            log.info("resume=True: no checkpoint for %r in %s; starting fresh", cfg.model_name,
+                     run.dir)
+    elif cfg.resume:
+        found = Path(cfg.resume), ck.load_checkpoint(cfg.resume, map_location=device)
+    if found is None and run.metrics is not None and run.metrics.exists():
         run.metrics.unlink()  # a fresh run starts a fresh metrics log
-    if resume_from is not None:
-        state = ck.load_checkpoint(resume_from, map_location=device)
+    resume_order = None
+    if found is not None:
+        path, state = found
         model.load_state_dict(state[ck.MODEL_KEY])
         optimizer.load_state_dict(state[ck.OPTIMIZER_KEY])
         if sched is not None and state[ck.SCHEDULER_KEY] is not None:
@@ -335,93 +418,152 @@ def train_model_advanced(
             early.load_state_dict(state[ck.EARLY_STOPPING_KEY])
         if aug is not None and state[ck.AUGMENTATION_KEY] is not None:
             aug.load_state_dict(state[ck.AUGMENTATION_KEY])
+        recovery.load_state_dict(state[RECOVERY_KEY])
         history = list(state[ck.HISTORY_KEY])
-        start_epoch = int(state[ck.EPOCH_KEY])
+        epochs_done, start_batch = int(state[ck.EPOCH_KEY]), int(state[ck.STEP_KEY])
         best.update(state[ck.BEST_KEY])
         if run.best is not None and run.best.exists() and cfg.restore_best_weights:
             best["state"] = ck.load_checkpoint(run.best, map_location=device)[ck.MODEL_KEY]
-        ck.restore_rng(state[ck.RNG_KEY])
+        if start_batch:
+            sums = EpochSums.from_state(state[SUMS_KEY], device)
+            resume_order = state[LOADER_KEY]
+        resume_rng = state[ck.RNG_KEY]
+        ck.restore_rng(resume_rng)
         run.rewrite_metrics(history)
-        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+        log.info("resumed from %s at epoch %d, batch %d", path, epochs_done, start_batch)
+    recovery.snapshot()
 
     # ---- epochs
     stopped_early = bool(early is not None and early.should_stop)
     stability = None
     progress = Progress(enabled=cfg.verbose, total_batches=n_batches)
-    epoch = start_epoch
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        if stopped_early:
-            break
-        t0 = time.perf_counter()
-        if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        progress.start(epoch, cfg.epochs, lambda: optimizer.param_groups[0]["lr"])
-        tr = train_epoch(parts, train_loader, progress.update)
-        va = evaluate(parts, val_loader) if val_loader is not None else None
-        nums = read_sums(tr, va, guard.pop_skipped())
-        guard.total_skipped += nums["skipped_steps"]
-        monitored = nums.get("val_loss", nums["train_loss"])
-        if va is not None and va.examples == 0:
-            raise ValueError("val_loader is empty: it yielded no batch")
+    global_step = [0]
+    lr_history: list[float] = []
 
-        # Epoch-level decisions on the host numbers.
-        if sched is not None and sched.interval == "epoch":
-            if sched.is_plateau and not math.isfinite(monitored):
-                log.warning("epoch %d: monitored loss is %s; plateau scheduler not stepped",
-                            epoch, monitored)
-            else:
-                sched.step(monitored if sched.is_plateau else None)
-        improved = math.isfinite(monitored) and monitored < best["val_loss"] - cfg.min_delta
-        if improved:
-            best.update(val_loss=monitored, epoch=epoch)
-            if cfg.restore_best_weights:
-                best["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if early is not None:
-            stopped_early = early.step(monitored)
+    with PreemptionHandler(cfg.handle_signals) as preempt:
+        for epoch in range(epochs_done + 1, cfg.epochs + 1):
+            if stopped_early:
+                break
+            if start_batch == 0:
+                epoch_started = time.perf_counter()
+                sums = None
+                guard.reset_interval()
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(epoch)
+            if start_batch:
+                loader.start_epoch_at(resume_order, start_batch)
+            batches = iter(loader)
+            if start_batch and found is not None:
+                ck.restore_rng(resume_rng)  # creating the iterator may draw from the RNG
+            check_from = [start_batch]
 
-        if cfg.check_stability and (epoch % cfg.stability_every == 0 or nums["skipped_steps"]
-                                    or nums["nonfinite_train_examples"]):
-            stability = {"epoch": epoch,
-                         "gradients": TrainingStability.check_gradients(model),
-                         "weights": TrainingStability.check_weights(model)}
-            _log_stability(stability)
+            def after_step(done: int, epoch_sums: EpochSums, epoch: int = epoch,
+                           check_from: list[int] = check_from) -> None:
+                global_step[0] += 1
+                n = cfg.recovery_check_every
+                if n is not None and global_step[0] % n == 0:
+                    _recovery_check(recovery, guard, epoch, check_from[0], lr_history + [
+                        optimizer.param_groups[0]["lr"]])
+                    check_from[0] = done
+                every = cfg.checkpoint_every_n_steps
+                last_batch = n_batches is not None and done >= n_batches
+                if every is not None and global_step[0] % every == 0 and not last_batch:
+                    run.save(lambda: payload(epoch - 1, done, epoch_sums), best=False)
+                if preempt.requested:
+                    run.save(lambda: payload(epoch - 1, done, epoch_sums), best=False)
+                    raise TrainingPreempted(preempt.signum, str(run.last) if run.last else None)
 
-        clip = clipper.get_stats()
-        entry = {
-            "epoch": epoch,
-            "train_loss": nums["train_loss"],
-            "val_loss": nums.get("val_loss", float("nan")),
-            **{k: v for k, v in nums.items() if k.startswith("val_") and k != "val_loss"},
-            "lr": optimizer.param_groups[0]["lr"],
-            "grad_norm_mean": clip["mean_norm"],
-            "grad_norm_max": clip["max_norm"],
-            "clip_fraction": clip["clip_fraction"],
-            "skipped_steps": nums["skipped_steps"],
-            "nonfinite_train_examples": nums["nonfinite_train_examples"],
-            "seconds": time.perf_counter() - t0,
-            "improved": improved,
-        }
-        if stability is not None and stability["epoch"] == epoch:
-            entry["stability_healthy"] = (stability["gradients"]["healthy"]
-                                          and stability["weights"]["healthy"])
-            entry["nonfinite_params"] = sorted(set(
-                stability["gradients"]["nan_grad_params"] + stability["gradients"]["inf_grad_params"]
-                + stability["weights"]["nan_weight_params"] + stability["weights"]["inf_weight_params"]))
-        clipper.reset()
-        history.append(entry)
-        run.write_metrics(entry)
-        if cfg.verbose:
-            progress.finish(_summary_line(entry, cfg.epochs))
-        else:
-            log.info(_summary_line(entry, cfg.epochs))
+            progress.start(epoch, cfg.epochs, lambda: optimizer.param_groups[0]["lr"])
+            tr = train_epoch(parts, batches, sums=sums, start=start_batch, n_batches=n_batches,
+                             after_step=after_step, progress=progress.update, epoch=epoch)
+            start_batch = 0
+            found = None
+            if tr.batches == 0:
+                raise ValueError("train_loader yielded no batch this epoch")
+            va = evaluate(parts, val_loader) if val_loader is not None else None
+            if va is not None and va.examples == 0:
+                raise ValueError("val_loader is empty: it yielded no batch; pass val_loader=None "
+                                 "to follow the training loss instead")
+            steps = guard.interval_log()
+            nums = read_sums(tr, va, {
+                "skipped_steps": None if steps is None else steps[:, 2].sum(),
+                "spike_steps": None if steps is None else steps[:, 3].sum(),
+                "consecutive_bad": guard.consecutive(),
+                **_loss_levels(steps),
+            })
+            skipped, spikes = int(nums.pop("skipped_steps")), int(nums.pop("spike_steps"))
+            consecutive = nums.pop("consecutive_bad")
+            guard.total_skipped += skipped
+            guard.total_spikes += spikes
+            lr_history.append(optimizer.param_groups[0]["lr"])
 
-        if run.last is not None:
-            payload = _payload(parts, sched, early, aug, cfg, history, epoch, best)
+            # Recovery at epoch end (when not checking every N steps, this is the only check).
+            event = None
+            if cfg.recovery_check_every is None or skipped:
+                rows = steps.tolist() if (skipped and steps is not None) else (
+                    [[0.0, 0.0, 0.0, 0.0]] * (0 if steps is None else len(steps)))
+                event = recovery.after_check(rows, consecutive, epoch, check_from[0], lr_history,
+                                             nums.pop("median_loss"), nums.pop("first_loss"))
+            guard.reset_interval()
+
+            monitored = nums.get("val_loss", nums["train_loss"])
+            if sched is not None and sched.interval == "epoch" and event is None:
+                if sched.is_plateau and not math.isfinite(monitored):
+                    log.warning("epoch %d: monitored loss is %s; plateau scheduler not stepped",
+                                epoch, monitored)
+                else:
+                    sched.step(monitored if sched.is_plateau else None)
+            improved = (event is None and math.isfinite(monitored)
+                        and monitored < best["val_loss"] - cfg.min_delta)
             if improved:
-                ck.save_checkpoint(run.best, payload)
-            ck.save_checkpoint(run.last, payload)
-        if stopped_early:
-            log.info("early stopping at epoch %d (best epoch %d)", epoch, best["epoch"])
+                best.update(val_loss=monitored, epoch=epoch)
+                if cfg.restore_best_weights:
+                    best["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if early is not None:
+                stopped_early = early.step(monitored)
+
+            if cfg.check_stability and (epoch % cfg.stability_every == 0 or skipped
+                                        or nums["nonfinite_train_examples"]):
+                stability = {"epoch": epoch,
+                             "gradients": TrainingStability.check_gradients(model),
+                             "weights": TrainingStability.check_weights(model)}
+                _log_stability(stability)
+
+            clip = clipper.get_stats()
+            entry = {
+                "epoch": epoch,
+                "train_loss": nums["train_loss"],
+                "val_loss": nums.get("val_loss", float("nan")),
+                **{k: v for k, v in nums.items() if k.startswith("val_") and k != "val_loss"},
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm_mean": clip["mean_norm"],
+                "grad_norm_max": clip["max_norm"],
+                "clip_fraction": clip["clip_fraction"],
+                "skipped_steps": skipped,
+                "spike_steps": spikes,
+                "nonfinite_train_examples": nums["nonfinite_train_examples"],
+                "rollbacks": recovery.rollbacks,
+                "seconds": time.perf_counter() - epoch_started,
+                "improved": improved,
+            }
+            if event is not None:
+                entry["recovery_event"] = event.detail
+            if stability is not None and stability["epoch"] == epoch:
+                g, w = stability["gradients"], stability["weights"]
+                entry["stability_healthy"] = g["healthy"] and w["healthy"]
+                entry["nonfinite_params"] = sorted(set(
+                    g["nan_grad_params"] + g["inf_grad_params"]
+                    + w["nan_weight_params"] + w["inf_weight_params"]))
+            clipper.reset()
+            history.append(entry)
+            run.write_metrics(entry)
+            if cfg.verbose:
+                progress.finish(_summary_line(entry, cfg.epochs))
+            else:
+                log.info(_summary_line(entry, cfg.epochs))
+            run.save(lambda epoch=epoch: payload(epoch, 0, None), best=improved)
+            if stopped_early:
+                log.info("early stopping at epoch %d (best epoch %d)", epoch, best["epoch"])
 
     run.close()
     if cfg.restore_best_weights and best["state"] is not None:
@@ -437,7 +579,31 @@ def train_model_advanced(
         "grad_stats": _run_grad_stats(history),
         "stability": stability,
         "skipped_steps": guard.total_skipped,
+        "rollbacks": recovery.rollbacks,
+        "recovery_events": [e.as_dict() for e in recovery.events],
     }
+
+
+def _loss_levels(steps: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """Device scalars: the median finite loss of the interval and its first loss."""
+    if steps is None:
+        return {"median_loss": None, "first_loss": None}
+    loss = steps[:, 0]
+    finite = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, math.nan))
+    return {"median_loss": torch.nanmedian(finite), "first_loss": steps[0, 0]}
+
+
+def _recovery_check(recovery: Recovery, guard: StepGuard, epoch: int, first_batch: int,
+                    lr_history: list[float]) -> None:
+    """A mid-epoch recovery check: one host read of the interval log (documented cost)."""
+    steps = guard.interval_log()
+    if steps is None:
+        return
+    rows = steps.tolist()
+    levels = torch.stack([v.double() for v in _loss_levels(steps).values()]).tolist()
+    consecutive = float(guard.consecutive()) if guard.consecutive() is not None else 0.0
+    recovery.after_check(rows, consecutive, epoch, first_batch, lr_history, *levels)
+    guard.reset_interval()
 
 
 def _run_grad_stats(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -454,10 +620,11 @@ def _summary_line(e: dict[str, Any], epochs: int) -> str:
     extra = "".join(f" {k}={v:.4f}" for k, v in e.items()
                     if k.startswith("val_") and k != "val_loss" and isinstance(v, float))
     skipped = f" skipped={e['skipped_steps']}" if e["skipped_steps"] else ""
+    event = f" [{e['recovery_event']}]" if e.get("recovery_event") else ""
     return (f"epoch {e['epoch']}/{epochs} train_loss={e['train_loss']:.4f} "
             f"val_loss={e['val_loss']:.4f}{extra} lr={e['lr']:.3g} "
             f"grad_norm={e['grad_norm_mean']:.3g} clip={e['clip_fraction']:.0%}{skipped} "
-            f"({e['seconds']:.1f}s){' *' if e['improved'] else ''}")
+            f"({e['seconds']:.1f}s){' *' if e['improved'] else ''}{event}")
 
 
 def _log_stability(s: dict[str, Any]) -> None:
@@ -469,4 +636,3 @@ def _log_stability(s: dict[str, Any]) -> None:
         log.warning("epoch %d stability: NaN/Inf in gradients of %s, weights of %s", s["epoch"],
                     g["nan_grad_params"] + g["inf_grad_params"],
                     w["nan_weight_params"] + w["inf_weight_params"])
-

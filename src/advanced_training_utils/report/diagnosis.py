@@ -15,6 +15,7 @@ Rules and thresholds (all per epoch; epochs are 1-based):
   above 10, or the epoch-mean grad norm growing to 10x+ its first-epoch value.
 - ``vanishing_gradients``: mean grad norm below 1e-5 in any epoch after the first.
 - ``skipped_steps``: steps skipped for NaN/Inf loss or gradients (or loss spikes).
+- ``rollbacks``: divergence recovery restored a snapshot and lowered the LR.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ REMEDIES: dict[str, list[str]] = {
     "vanishing_gradients": ["check gradients with TrainingStability.check_gradients "
                             "(it lists parameters without gradients)",
                             "raise the learning rate or add warmup"],
+    "rollbacks": ["reduce the learning rate (recovery had to lower it)",
+                  "enable gradient clipping (max_norm=1.0)",
+                  "check for NaN/Inf with the stability checks"],
     "skipped_steps": ["disable mixed precision if fp16 overflows persist",
                       "enable gradient clipping (max_norm=1.0)", "reduce the learning rate",
                       "check for NaN/Inf in the inputs with the stability checks"],
@@ -172,12 +176,19 @@ def diagnose(history: Sequence[dict[str, Any]],
             + (f" (and {len(tiny) - 1} more epochs)" if len(tiny) > 1 else ""),
             [t[0] for t in tiny]))
 
+    events = [(e, h["recovery_event"]) for e, h in zip(ep, history) if h.get("recovery_event")]
+    if events:
+        out.append(_finding(
+            "rollbacks", f"{len(events)} rollback(s): " + "; ".join(
+                f"epoch {e}: {d}" for e, d in events[:3]), [e for e, _ in events]))
     skipped = [(e, int(h.get("skipped_steps") or 0)) for e, h in zip(ep, history)
                if int(h.get("skipped_steps") or 0) > 0]
     if skipped:
         total = sum(s for _, s in skipped)
+        spikes = sum(int(h.get("spike_steps") or 0) for h in history)
+        why = f" ({spikes} of them loss spikes)" if spikes else ""
         out.append(_finding(
-            "skipped_steps", f"{total} optimizer step(s) skipped for NaN/Inf in epochs "
+            "skipped_steps", f"{total} optimizer step(s) skipped for NaN/Inf{why} in epochs "
             f"{_list([e for e, _ in skipped])}", [e for e, _ in skipped]))
     return out
 

@@ -1,0 +1,61 @@
+"""A small training run for the crash tests: kill it anywhere, resume it, compare weights.
+
+    python tests/crash_worker.py OUT_DIR [--epochs 3] [--every 1] [--sleep 0]
+
+Trains an MLP with dropout on a shuffled synthetic dataset with seeded augmentation, plateau
+scheduling and per-step checkpoints (``resume=True`` always: the first start finds nothing), and
+writes the final weights to OUT_DIR/final.pt. It prints ``batch N`` after each batch (flushed) so
+a test can kill it at a chosen point.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from advanced_training_utils import train_model_advanced
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--every", type=int, default=1)
+    ap.add_argument("--sleep", type=float, default=0.0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(240, 12, generator=g)
+    y = (x[:, :3].sum(1) > 0).long()
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:192], y[:192]),
+                                        batch_size=8, shuffle=True)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[192:], y[192:]),
+                                      batch_size=16)
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                                torch.nn.Linear(32, 2))
+    ce = torch.nn.CrossEntropyLoss()
+    calls = [0]
+
+    def criterion(out, target):
+        calls[0] += 1
+        print(f"batch {calls[0]}", flush=True)
+        if args.sleep:
+            time.sleep(args.sleep)
+        return ce(out, target)
+
+    train_model_advanced(model, train, val, criterion, epochs=args.epochs, learning_rate=3e-3,
+                         device="cpu", checkpoint_dir=args.out, model_name="w", seed=0,
+                         resume=True, checkpoint_every_n_steps=args.every, verbose=False,
+                         use_augmentation=True, augment="emotion",
+                         augment_options={"noise_level": 0.05}, scheduler_type="plateau",
+                         patience=1, restore_best_weights=False)
+    torch.save(model.state_dict(), args.out / "final.pt")
+    print("done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
