@@ -65,7 +65,6 @@ def kill_test(kills: int, seed: int = 7) -> dict:
 def nan_test(runs: int) -> dict:
     import test_recovery as tr  # the CI test's own injection run, at a larger count
     from _helpers import make_model
-
     from advanced_training_utils import train_model_advanced
 
     tl, vl = tr._loaders()

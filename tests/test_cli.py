@@ -111,3 +111,26 @@ def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "advanced_training_utils", "presets"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "memory_constrained" in r.stdout
+
+
+def test_nproc_per_node_launches_torchrun(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    import advanced_training_utils
+
+    src = str(Path(advanced_training_utils.__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "ddp"
+    rc = main(["train", "--task", "notes", "--epochs", "1", "--quiet", "--device", "cpu",
+               "--out", str(out), "--nproc-per-node", "2"])
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["epochs_run"] == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "notes_best.pt", "notes_last.pt"]
+
+
+def test_nproc_per_node_rejects_zero(capsys):
+    assert main(["train", "--nproc-per-node", "0"]) == 2
+    assert "--nproc-per-node must be >= 1, got 0" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
     advtrain train --task emotion|notes --preset fast|stable|memory_constrained --epochs N
                    --out DIR [--resume] [--seed S] [--device D] [--config FILE.yaml]
-                   [--set key=value ...]
+                   [--set key=value ...] [--nproc-per-node N]
     advtrain report DIR
     advtrain presets
 
@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one option (repeatable); VALUE is parsed as YAML")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="launch N processes on this machine through torch.distributed.run (DDP)")
     r = sub.add_parser("report", help="write report.png and the diagnosis for a run directory")
     r.add_argument("run_dir", type=Path)
     sub.add_parser("presets", help="list the presets and their options")
@@ -127,12 +130,39 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     return merged, task_opts
 
 
-def _train(args: argparse.Namespace) -> int:
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Re-run this command under ``torch.distributed.run`` with N processes per node."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        if a.startswith("--nproc-per-node="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={args.nproc_per_node}", "-m", "advanced_training_utils", *rest]
+    log.info("launching: %s", " ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def _train(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
+    from .distributed import env_world_size
     from .tasks import build_task
     from .train import resolve_device, train_model_advanced
 
+    if args.nproc_per_node < 1:
+        raise CLIError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    if args.nproc_per_node > 1 and env_world_size() == 1:
+        resolve_options(args)  # report option errors before launching anything
+        return _launch(args, argv)
     options, task_opts = resolve_options(args)
     out: Path = args.out
     ckpt_dir = out / "checkpoints"
@@ -147,6 +177,8 @@ def _train(args: argparse.Namespace) -> int:
         task.model, task.train_loader, task.val_loader, task.criterion,
         checkpoint_dir=ckpt_dir, model_name=args.task, metrics_file=out / "metrics.jsonl",
         resume=bool(args.resume), **options)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 evaluates and writes the summary and report
     device = resolve_device(options.get("device", "auto"))
     test = task.evaluate_test(task.model, device)
     summary = {
@@ -158,6 +190,7 @@ def _train(args: argparse.Namespace) -> int:
         "best_val_accuracy": max((h.get("val_accuracy") or 0.0 for h in res["history"]),
                                  default=None) if args.task == "emotion" else None,
         **test,
+        "world_size": env_world_size(),
         "data": task.info, "data_seconds": round(data_seconds, 2),
         "wall_seconds": round(time.perf_counter() - t0, 2),
         "options": TrainConfig.from_options(**options).to_plain(), "task_options": task_opts,
@@ -215,10 +248,11 @@ def _presets() -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``advtrain`` and ``python -m advanced_training_utils``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            return _train(args)
+            return _train(args, argv)
         if args.command == "report":
             if not args.run_dir.is_dir():
                 raise CLIError(f"no such run directory: {args.run_dir}")

@@ -73,6 +73,8 @@ class TrainConfig:
     max_rollbacks: int = 3
     divergence_factor: float = 3.0
     recovery_check_every: int | None = None
+    # distribution
+    dist_timeout: float = 60.0
     # output
     resume: bool | str | Path = False
     metrics_file: Path | str | None = None
@@ -149,6 +151,7 @@ class TrainConfig:
                    low_inclusive=False, high_inclusive=False)
         check_int("max_rollbacks", self.max_rollbacks, low=0)
         check_real("divergence_factor", self.divergence_factor, low=1.0, low_inclusive=False)
+        check_real("dist_timeout", self.dist_timeout, low=0.0, low_inclusive=False)
         if self.recovery_check_every is not None:
             check_int("recovery_check_every", self.recovery_check_every, low=1)
         if not isinstance(self.resume, (bool, str, Path)):

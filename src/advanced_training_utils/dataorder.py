@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
 __all__ = ["EpochOrder", "ResumableLoader", "make_resumable"]
 
@@ -44,8 +44,12 @@ class EpochOrder(Sampler[list[int]]):
             start = 0
         yield from self.current[start:]
 
-    def resume_at(self, batches: list[list[int]], start: int) -> None:
-        """Make the next epoch yield ``batches[start:]`` without drawing a new order."""
+    def resume_at(self, batches: list[list[int]] | None, start: int) -> None:
+        """Make the next epoch yield ``batches[start:]`` without drawing a new order; with
+        ``batches=None`` regenerate the order (for samplers that draw no global randomness, such
+        as ``DistributedSampler``, whose order is fixed by its seed and epoch)."""
+        if batches is None:
+            batches = [list(b) for b in self.inner]
         self._resume, self._start = batches, start
 
     def order_state(self) -> dict[str, torch.Tensor]:
@@ -103,7 +107,9 @@ class ResumableLoader:
 
     def start_epoch_at(self, order: dict[str, torch.Tensor] | None, start: int) -> None:
         """Begin the next iteration at batch ``start`` of ``order`` (a saved epoch order)."""
-        if self.order is not None and order is not None:
+        if self.order is not None and isinstance(self.sampler, DistributedSampler):
+            self.order.resume_at(None, start)  # each rank regenerates its own shard's order
+        elif self.order is not None and order is not None:
             self.order.resume_at(EpochOrder.order_from_state(order), start)
         else:
             self._skip = start

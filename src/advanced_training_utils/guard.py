@@ -22,6 +22,7 @@ With ``enabled=False`` every step is applied, NaN included (used to show what th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,14 +41,17 @@ class StepGuard:
         enabled: False applies every step (no skipping at all).
         spike_factor: treat a loss above ``spike_factor`` x the running median as bad (None: off).
         spike_window: how many recent good losses the median is taken over.
+        reduce_max: under DDP, an in-place all-reduce MAX so every rank skips the same steps.
 
     Attributes:
         device_side: True when skips are applied on the device (no host read per step).
     """
 
     def __init__(self, optimizer: Optimizer, enabled: bool = True,
-                 spike_factor: float | None = None, spike_window: int = 20) -> None:
+                 spike_factor: float | None = None, spike_window: int = 20,
+                 reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.optimizer = optimizer
+        self.reduce_max = reduce_max
         self.enabled = enabled
         self.spike_factor = (None if spike_factor is None else
                              check_real("spike_factor", spike_factor, low=1.0, low_inclusive=False))
@@ -76,6 +80,9 @@ class StepGuard:
             hist[self._pos % self.spike_window] = torch.where(
                 bad, hist[self._pos % self.spike_window], loss)
             self._pos += 1
+        if self.reduce_max is not None:  # every rank takes the same decision (no host read)
+            flag = self.reduce_max(bad.float())
+            bad = flag > 0
         self._log(loss, grad_norm, bad, spike)
         return bad
 

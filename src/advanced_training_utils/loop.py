@@ -6,6 +6,7 @@ them once at the end of the epoch with :func:`read_sums`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,18 @@ class Parts:
     device: torch.device
     accumulation_steps: int = 1
     metrics: dict[str, Metric] = field(default_factory=dict)
+    module: torch.nn.Module | None = None   # the unwrapped model when ``model`` is DDP
+
+    @property
+    def inner(self) -> torch.nn.Module:
+        """The caller's model (``model`` itself unless it is wrapped in DDP)."""
+        return self.module if self.module is not None else self.model
+
+    def sync_context(self, boundary: bool) -> Any:
+        """DDP's ``no_sync()`` for micro-batches before an accumulation boundary."""
+        if not boundary and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
 
 
 @dataclass
@@ -193,8 +206,9 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
             # Micro-batches in this window: the last window may be short.
             window = accum if n_batches is None else min(accum, n_batches - i)
             window_loss = None
-        out, loss = _forward(p, x, y, f"epoch {epoch}, batch {i}")
-        p.precision.scale_loss(loss / window).backward()
+        with p.sync_context(boundary=in_window == window - 1):
+            out, loss = _forward(p, x, y, f"epoch {epoch}, batch {i}")
+            p.precision.scale_loss(loss / window).backward()
         bs = _batch_size(y)
         ld = loss.detach()
         finite = torch.isfinite(ld)
@@ -205,7 +219,7 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
         window_loss = ld / window if window_loss is None else window_loss + ld / window
         if in_window == window - 1:
             p.precision.unscale_(p.optimizer)
-            norm = p.clipper.clip(p.model)
+            norm = p.clipper.clip(p.inner)
             bad = p.guard.is_bad(window_loss, norm)
             stepped = p.guard.step(bad)
             p.precision.update()
@@ -247,8 +261,13 @@ def evaluate(parts: Parts, loader: Iterable[Any]) -> EpochSums:
 
 
 def read_sums(train: EpochSums, val: EpochSums | None,
-              extra: dict[str, torch.Tensor | None] | None = None) -> dict[str, Any]:
+              extra: dict[str, torch.Tensor | None] | None = None,
+              reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              world_size: int = 1) -> dict[str, Any]:
     """Read an epoch's device sums (and ``extra`` 0-d device values) in one transfer.
+
+    Under DDP, ``reduce_sum`` all-reduces the whole vector first: sums and example counts add
+    up over ranks and the ``extra`` values are averaged, so every rank reads the same numbers.
 
     Returns:
         ``train_loss`` and ``val_loss`` (mean over examples whose batch loss was finite; NaN when
@@ -257,21 +276,30 @@ def read_sums(train: EpochSums, val: EpochSums | None,
     """
     device = train.loss.device
     names = list(val.metrics) if val is not None else []
-    vals = [train.loss, train.finite_examples]
+
+    def count(n: int) -> torch.Tensor:
+        return torch.full((), float(n), device=device)
+
+    vals = [train.loss, train.finite_examples, count(train.examples)]
     if val is not None:
-        vals += [val.loss, val.finite_examples] + [val.metrics[n] for n in names]
+        vals += [val.loss, val.finite_examples, count(val.examples)]
+        vals += [val.metrics[n] for n in names]
     extra = extra or {}
     vals += [v if v is not None else torch.zeros((), device=device) for v in extra.values()]
-    host = torch.stack([v.detach().double().to(device) for v in vals]).tolist()
+    vec = torch.stack([v.detach().double().to(device) for v in vals])
+    if reduce_sum is not None:
+        vec = reduce_sum(vec)
+    host = vec.tolist()
     out: dict[str, Any] = {}
     out["train_loss"] = host[0] / host[1] if host[1] else float("nan")
-    out["nonfinite_train_examples"] = int(train.examples - host[1])
-    k = 2
+    out["nonfinite_train_examples"] = int(round(host[2] - host[1]))
+    k = 3
     if val is not None:
-        out["val_loss"] = host[2] / host[3] if host[3] else float("nan")
+        out["val_loss"] = host[3] / host[4] if host[4] else float("nan")
+        out["val_examples"] = int(round(host[5]))
         for j, n in enumerate(names):
-            out[f"val_{n}"] = host[4 + j] / val.examples if val.examples else float("nan")
-        k = 4 + len(names)
+            out[f"val_{n}"] = host[6 + j] / host[5] if host[5] else float("nan")
+        k = 6 + len(names)
     for j, key in enumerate(extra):
-        out[key] = host[k + j]
+        out[key] = host[k + j] / world_size
     return out

@@ -91,7 +91,7 @@ class Recovery:
         p = self.parts
         self._snapshot_scale = self.lr_scale
         self._snapshot = copy.deepcopy({
-            "model": p.model.state_dict(),
+            "model": p.inner.state_dict(),
             "optimizer": p.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "precision": p.precision.state_dict(),
@@ -101,7 +101,7 @@ class Recovery:
     def _restore(self) -> None:
         p, s = self.parts, self._snapshot
         assert s is not None
-        p.model.load_state_dict(s["model"])
+        p.inner.load_state_dict(s["model"])
         p.optimizer.load_state_dict(copy.deepcopy(s["optimizer"]))
         if self.scheduler is not None and s["scheduler"] is not None:
             self.scheduler.load_state_dict(copy.deepcopy(s["scheduler"]))
@@ -142,9 +142,9 @@ class Recovery:
         self._bad_positions.extend((epoch, b) for b in bad_idx)
         self._norm_history.extend(r[1] for r in rows)
         self._norm_history = self._norm_history[-200:]
-        weights = TrainingStability.check_weights(self.parts.model)
+        weights = TrainingStability.check_weights(self.parts.inner)
         if bad_idx and not self._first_nonfinite:
-            grads = TrainingStability.check_gradients(self.parts.model)
+            grads = TrainingStability.check_gradients(self.parts.inner)
             self._first_nonfinite = (grads["nan_grad_params"] + grads["inf_grad_params"]
                                      + weights["nan_weight_params"] + weights["inf_weight_params"])
         frac_bad = len(bad_idx) / len(rows) if rows else 0.0

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ck
+from . import distributed
 from .augmentation import DataAugmentation
 from .clipping import GradientClipper
 from .config import TrainConfig
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 
 _MAX_WRITE_FAILURES = 3
 LOADER_KEY = "epoch_order"
-SUMS_KEY = "epoch_sums"
+RANKS_KEY = "ranks"          # per-rank state: RNG, epoch sums, guard (one entry per rank)
 RECOVERY_KEY = "recovery"
 
 
@@ -199,7 +200,8 @@ def _check_inputs(model: Any, train_loader: Any, val_loader: Any, criterion: Any
 class _Run:
     """Paths and writers of one run (no-ops when checkpoint_dir is None)."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, is_main: bool = True) -> None:
+        self.is_main = is_main
         self.dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
         self.keep_last = cfg.keep_last
         name = cfg.model_name
@@ -209,7 +211,7 @@ class _Run:
                         else self.dir / f"{name}_metrics.jsonl" if self.dir else None)
         self.tb = None
         self.failures = 0
-        if self.dir is not None:
+        if self.dir is not None and is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".{name}.write-test"
             try:
@@ -217,7 +219,7 @@ class _Run:
                 probe.unlink()
             except OSError as e:
                 raise ck.CheckpointError(self.dir, f"checkpoint_dir is not writable ({e})") from e
-        if cfg.tensorboard:
+        if cfg.tensorboard and is_main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -226,11 +228,11 @@ class _Run:
                 warnings.warn("tensorboard=True but tensorboard is not installed; skipping it",
                               RuntimeWarning, stacklevel=3)
 
-    def save(self, payload_fn: Callable[[], dict[str, Any]], best: bool) -> None:
-        """Write ``_last.pt`` (and ``_best.pt``); a failed write is logged, 3 in a row raise."""
-        if self.last is None:
+    def save(self, payload: dict[str, Any] | None, best: bool) -> None:
+        """Write ``_last.pt`` (and ``_best.pt``) on the main rank; a failed write is logged and
+        training goes on, 3 failures in a row raise."""
+        if self.last is None or payload is None or not self.is_main:
             return
-        payload = payload_fn()
         try:
             if best:
                 ck.save_checkpoint(self.best, payload)
@@ -246,14 +248,14 @@ class _Run:
 
     def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
         """Make the metrics file hold exactly ``history`` (after a resume)."""
-        if self.metrics is not None:
+        if self.metrics is not None and self.is_main:
             self.metrics.parent.mkdir(parents=True, exist_ok=True)
             with open(self.metrics, "w") as f:
                 for entry in history:
                     f.write(json.dumps(_nan_to_none(entry), default=str) + "\n")
 
     def write_metrics(self, entry: dict[str, Any]) -> None:
-        if self.metrics is not None:
+        if self.metrics is not None and self.is_main:
             self.metrics.parent.mkdir(parents=True, exist_ok=True)
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(_nan_to_none(entry), default=str) + "\n")
@@ -326,8 +328,28 @@ def train_model_advanced(
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    ctx = distributed.setup(device, cfg.dist_timeout)
+    try:
+        result = _train(model, train_loader, val_loader, criterion, cfg, ctx.device(device), ctx)
+    except TrainingPreempted:
+        ctx.teardown()  # every rank stops at the same step: tear down together
+        raise
+    except BaseException:
+        ctx.abort()  # a failing rank must not wait for the others in a barrier
+        raise
+    ctx.teardown()
+    return result
+
+
+def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iterable[Any] | None,
+           criterion: Callable[..., torch.Tensor], cfg: TrainConfig, device: torch.device,
+           ctx: distributed.DistContext) -> dict[str, Any]:
+    """The body of :func:`train_model_advanced` once the process group (if any) is up."""
     model.to(device)
-    run = _Run(cfg)
+    run = _Run(cfg, ctx.is_main)
+    train_loader = ctx.shard(train_loader, cfg.seed or 0, train=True)
+    if val_loader is not None:
+        val_loader = ctx.shard(val_loader, cfg.seed or 0, train=False)
 
     # ---- parts
     optimizer = _build_optimizer(cfg, model)
@@ -339,7 +361,8 @@ def train_model_advanced(
     clipper = GradientClipper(cfg.gradient_clip if cfg.gradient_clip is not None else math.inf)
     guard = StepGuard(optimizer, enabled=cfg.recovery,
                       spike_factor=cfg.spike_factor if cfg.recovery else None,
-                      spike_window=cfg.spike_window)
+                      spike_window=cfg.spike_window,
+                      reduce_max=ctx.max_ if ctx.enabled else None)
     n_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
     steps_per_epoch = max(1, math.ceil(n_batches / cfg.accumulation_steps)) if n_batches else None
     sched = None
@@ -348,16 +371,18 @@ def train_model_advanced(
             raise ValueError("scheduler_type='onecycle' needs a train_loader with a length")
         sched = LearningRateScheduler(optimizer, cfg.scheduler_type,
                                       **cfg.scheduler_options(steps_per_epoch or 1))
-    x0, y0 = _first_batch(train_loader)
+    x0, y0 = _first_batch(train_loader)  # of this rank's shard
     _check_labels(criterion, model, x0, y0, device)
     augment, aug = _build_augment(cfg, x0, cfg.seed)
     early = (EarlyStopping(cfg.early_stop_patience, cfg.min_delta)
              if cfg.early_stop_patience is not None else None)
     if val_loader is None and (early is not None or (sched is not None and sched.is_plateau)):
         log.warning("no val_loader: early stopping / plateau scheduling follow the training loss")
-    parts = Parts(model=model, criterion=criterion, optimizer=optimizer, precision=precision,
+    net = ctx.wrap(model, device)
+    parts = Parts(model=net, criterion=criterion, optimizer=optimizer, precision=precision,
                   clipper=clipper, guard=guard, scheduler=sched, augment=augment, device=device,
-                  accumulation_steps=cfg.accumulation_steps, metrics=resolve_metrics(cfg.metrics))
+                  accumulation_steps=cfg.accumulation_steps, metrics=resolve_metrics(cfg.metrics),
+                  module=model if net is not model else None)
     recovery = Recovery(parts, sched, enabled=cfg.recovery, rollback_after=cfg.rollback_after,
                         lr_factor=cfg.rollback_lr_factor, max_rollbacks=cfg.max_rollbacks,
                         divergence_factor=cfg.divergence_factor)
@@ -370,14 +395,22 @@ def train_model_advanced(
     sums: EpochSums | None = None
     epoch_started = time.perf_counter()
 
-    def payload(epoch_done: int, batch: int, epoch_sums: EpochSums | None) -> dict[str, Any]:
+    def payload(epoch_done: int, batch: int, epoch_sums: EpochSums | None
+                ) -> dict[str, Any] | None:
+        """The checkpoint (built on every rank: per-rank state is gathered to all)."""
+        ranks = ctx.gather_object({
+            "rng": ck.capture_rng(),
+            "epoch_sums": epoch_sums.state_dict() if (batch and epoch_sums is not None) else None,
+            "guard": guard.state_dict(),
+        })
+        if not ctx.is_main or run.last is None:
+            return None
         return {
             ck.MODEL_KEY: model.state_dict(),
             ck.OPTIMIZER_KEY: optimizer.state_dict(),
             ck.SCHEDULER_KEY: sched.state_dict() if sched is not None else None,
             ck.PRECISION_KEY: precision.state_dict(),
             ck.CLIPPER_KEY: clipper.state_dict(),
-            ck.GUARD_KEY: guard.state_dict(),
             ck.EARLY_STOPPING_KEY: early.state_dict() if early is not None else None,
             ck.AUGMENTATION_KEY: aug.state_dict() if aug is not None else None,
             RECOVERY_KEY: recovery.state_dict(),
@@ -385,9 +418,8 @@ def train_model_advanced(
             ck.EPOCH_KEY: epoch_done,
             ck.STEP_KEY: batch,
             LOADER_KEY: loader.order_state() if batch else None,
-            SUMS_KEY: epoch_sums.state_dict() if (batch and epoch_sums is not None) else None,
+            RANKS_KEY: ranks,
             ck.BEST_KEY: {k: v for k, v in best.items() if k != "state"},
-            ck.RNG_KEY: ck.capture_rng(),
             ck.CONFIG_KEY: cfg.to_plain(),
         }
 
@@ -413,7 +445,12 @@ def train_model_advanced(
             sched.load_state_dict(state[ck.SCHEDULER_KEY])
         precision.load_state_dict(state[ck.PRECISION_KEY])
         clipper.load_state_dict(state[ck.CLIPPER_KEY])
-        guard.load_state_dict(state[ck.GUARD_KEY])
+        ranks = state[RANKS_KEY]
+        if len(ranks) != ctx.world_size:
+            raise ck.CheckpointError(path, f"saved by {len(ranks)} process(es); this run has "
+                                     f"{ctx.world_size}: resume with the same world size")
+        mine = ranks[ctx.rank]
+        guard.load_state_dict(mine["guard"])
         if early is not None and state[ck.EARLY_STOPPING_KEY] is not None:
             early.load_state_dict(state[ck.EARLY_STOPPING_KEY])
         if aug is not None and state[ck.AUGMENTATION_KEY] is not None:
@@ -425,9 +462,9 @@ def train_model_advanced(
         if run.best is not None and run.best.exists() and cfg.restore_best_weights:
             best["state"] = ck.load_checkpoint(run.best, map_location=device)[ck.MODEL_KEY]
         if start_batch:
-            sums = EpochSums.from_state(state[SUMS_KEY], device)
+            sums = EpochSums.from_state(mine["epoch_sums"], device)
             resume_order = state[LOADER_KEY]
-        resume_rng = state[ck.RNG_KEY]
+        resume_rng = mine["rng"]
         ck.restore_rng(resume_rng)
         run.rewrite_metrics(history)
         log.info("resumed from %s at epoch %d, batch %d", path, epochs_done, start_batch)
@@ -468,10 +505,11 @@ def train_model_advanced(
                 every = cfg.checkpoint_every_n_steps
                 last_batch = n_batches is not None and done >= n_batches
                 if every is not None and global_step[0] % every == 0 and not last_batch:
-                    run.save(lambda: payload(epoch - 1, done, epoch_sums), best=False)
-                if preempt.requested:
-                    run.save(lambda: payload(epoch - 1, done, epoch_sums), best=False)
-                    raise TrainingPreempted(preempt.signum, str(run.last) if run.last else None)
+                    run.save(payload(epoch - 1, done, epoch_sums), best=False)
+                if ctx.any_host(preempt.requested):  # one rank's signal stops every rank
+                    run.save(payload(epoch - 1, done, epoch_sums), best=False)
+                    raise TrainingPreempted(preempt.signum or 15,
+                                            str(run.last) if run.last else None)
 
             progress.start(epoch, cfg.epochs, lambda: optimizer.param_groups[0]["lr"])
             tr = train_epoch(parts, batches, sums=sums, start=start_batch, n_batches=n_batches,
@@ -490,8 +528,9 @@ def train_model_advanced(
                 "spike_steps": None if steps is None else steps[:, 3].sum(),
                 "consecutive_bad": guard.consecutive(),
                 **_loss_levels(steps),
-            })
-            skipped, spikes = int(nums.pop("skipped_steps")), int(nums.pop("spike_steps"))
+            }, reduce_sum=ctx.sum_ if ctx.enabled else None, world_size=ctx.world_size)
+            nums.pop("val_examples", None)
+            skipped, spikes = round(nums.pop("skipped_steps")), round(nums.pop("spike_steps"))
             consecutive = nums.pop("consecutive_bad")
             guard.total_skipped += skipped
             guard.total_spikes += spikes
@@ -561,7 +600,7 @@ def train_model_advanced(
                 progress.finish(_summary_line(entry, cfg.epochs))
             else:
                 log.info(_summary_line(entry, cfg.epochs))
-            run.save(lambda epoch=epoch: payload(epoch, 0, None), best=improved)
+            run.save(payload(epoch, 0, None), best=improved)
             if stopped_early:
                 log.info("early stopping at epoch %d (best epoch %d)", epoch, best["epoch"])
 
