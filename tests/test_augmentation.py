@@ -199,3 +199,25 @@ def test_constructor_rejects():
         DataAugmentation(seed=-1)
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         DataAugmentation(generator=3)
+
+
+def test_exact_noise_and_bank_noise_have_the_same_scale():
+    x = torch.randn(16, 64, 200) * 3.0
+    a = DataAugmentation(seed=1)
+    for exact in (True, False):
+        out = a.augment_audio_features(x, noise_level=0.2, time_mask=False, freq_mask=False,
+                                       exact_noise=exact)
+        ratio = float((out - x).std() / x.std())
+        assert 0.18 < ratio < 0.22, (exact, ratio)
+
+
+def test_bank_is_rebuilt_exactly_after_restore_across_refreshes():
+    x = torch.randn(4, 32, 40)
+    a = DataAugmentation(seed=3)
+    for _ in range(70):  # past one bank refresh
+        a.augment_audio_features(x)
+    state = a.state_dict()
+    nxt = [a.augment_audio_features(x) for _ in range(60)]
+    b = DataAugmentation(seed=3)
+    b.load_state_dict(state)
+    assert all(torch.equal(b.augment_audio_features(x), n) for n in nxt)

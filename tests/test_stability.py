@@ -19,8 +19,10 @@ def test_gradient_stats_match_hand_computation():
     s = TrainingStability.check_gradients(m)
     grads = torch.cat([p.grad.flatten() for p in m.parameters()]).abs()
     assert s["max_grad"] == pytest.approx(grads.max().item(), rel=1e-6)
-    assert s["min_grad"] == pytest.approx(grads.min().item(), rel=1e-6, abs=1e-12)
-    assert s["mean_grad"] == pytest.approx(grads.mean().item(), rel=1e-5)
+    # mean: root-mean-square of all elements; min: smallest per-parameter RMS
+    assert s["mean_grad"] == pytest.approx(grads.pow(2).mean().sqrt().item(), rel=1e-5)
+    per_param_rms = [p.grad.pow(2).mean().sqrt().item() for p in m.parameters()]
+    assert s["min_grad"] == pytest.approx(min(per_param_rms), rel=1e-5)
     ref = torch.nn.utils.get_total_norm([p.grad for p in m.parameters()])
     assert s["total_norm"] == pytest.approx(ref.item(), rel=1e-6)
     assert s["nan_grads"] == 0 and s["inf_grads"] == 0 and s["healthy"] is True
@@ -57,7 +59,7 @@ def test_weights_stats_and_nan_names():
     w = torch.cat([p.detach().flatten() for p in m.parameters()]).abs()
     s = TrainingStability.check_weights(m)
     assert s["max_weight"] == pytest.approx(w.max().item(), rel=1e-6)
-    assert s["mean_weight"] == pytest.approx(w.mean().item(), rel=1e-5)
+    assert s["mean_weight"] == pytest.approx(w.pow(2).mean().sqrt().item(), rel=1e-5)
     with torch.no_grad():
         m[0].weight[1, 1] = math.nan
         m[2].weight[0, 0] = math.inf

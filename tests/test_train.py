@@ -2,6 +2,7 @@ import copy
 import inspect
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -277,8 +278,9 @@ def _count_package_conversions(monkeypatch, run, only_in_steps=True):
 
         def spy(self, *a, _orig=orig, **k):
             caller = inspect.currentframe().f_back
-            if counts["inside"] and caller.f_globals.get("__name__", "").startswith(
-                    "advanced_training_utils"):
+            # The training thread only: the checkpoint writer thread is not a training step.
+            if counts["inside"] and threading.current_thread() is threading.main_thread() and (
+                    caller.f_globals.get("__name__", "").startswith("advanced_training_utils")):
                 counts["n"] += 1
             return _orig(self, *a, **k)
 

@@ -21,6 +21,8 @@ from ._validate import check_real
 
 __all__ = ["GradientClipper", "grads_of"]
 
+_FOLD = 4096  # pending per-step norms reduced into the running statistics at most this often
+
 _Params = torch.nn.Module | torch.Tensor | Iterable[torch.Tensor]
 
 
@@ -69,8 +71,9 @@ class GradientClipper:
     def reset(self) -> None:
         """Forget all statistics."""
         self.num_steps = 0
-        self._stats: torch.Tensor | None = None  # [sum, sumsq, max, min, clipped, nonfinite, last]
-        self.last_finite: torch.Tensor | None = None
+        self._norms: list[torch.Tensor] = []  # this interval's norms, 0-d device tensors
+        self._stats: torch.Tensor | None = None  # folded older intervals (see _fold)
+        self._last: torch.Tensor | None = None
 
     def clip(self, model_or_params: _Params) -> torch.Tensor:
         """Clip the gradients in place; return the total norm before clipping.
@@ -97,29 +100,43 @@ class GradientClipper:
         return norm
 
     def _record(self, norm: torch.Tensor) -> None:
-        # float64 keeps long sums exact enough; MPS has no float64.
-        dtype = torch.float32 if norm.device.type == "mps" else torch.float64
-        norm = norm.detach().to(dtype)
-        finite = torch.isfinite(norm)
-        self.last_finite = finite
-        if self._stats is None:
-            self._stats = torch.tensor([0.0, 0.0, -math.inf, math.inf, 0.0, 0.0, 0.0],
-                                       device=norm.device, dtype=dtype)
-        elif self._stats.device != norm.device:
-            self._stats = self._stats.to(norm.device, dtype)
-        f = torch.where(finite, norm, torch.zeros_like(norm))
-        s = self._stats
-        update = torch.stack([
-            s[0] + f,
-            s[1] + f * f,
-            torch.where(finite, torch.maximum(s[2], norm), s[2]),
-            torch.where(finite, torch.minimum(s[3], norm), s[3]),
-            s[4] + (finite & (norm > self.max_norm)).float(),
-            s[5] + (~finite).float(),
-            norm,
-        ])
-        self._stats = update
+        # Per step only a reference is kept (no kernel launched); statistics are reduced in one
+        # go by get_stats(), or folded every _FOLD steps to bound memory.
+        norm = norm.detach()
+        self._last = norm
+        self._norms.append(norm)
         self.num_steps += 1
+        if len(self._norms) >= _FOLD:
+            self._fold()
+
+    @property
+    def last_finite(self) -> torch.Tensor | None:
+        """0-dim bool tensor: whether the last norm was finite (None before the first clip)."""
+        last = getattr(self, "_last", None)
+        return None if last is None else torch.isfinite(last)
+
+    def _fold(self) -> None:
+        """Reduce the pending norms into ``[sum, sumsq, max, min, clipped, nonfinite, last]``."""
+        if not self._norms:
+            return
+        dtype = torch.float32 if self._norms[0].device.type == "mps" else torch.float64
+        n = torch.stack([x.to(self._norms[0].device) for x in self._norms]).to(dtype)
+        finite = torch.isfinite(n)
+        f = torch.where(finite, n, torch.zeros_like(n))
+        inf = torch.full_like(n, math.inf)
+        part = torch.stack([
+            f.sum(), (f * f).sum(),
+            torch.where(finite, n, -inf).max(), torch.where(finite, n, inf).min(),
+            (finite & (n > self.max_norm)).sum().to(dtype), (~finite).sum().to(dtype), n[-1],
+        ])
+        if self._stats is None:
+            self._stats = part
+        else:
+            s = self._stats.to(part.device)
+            self._stats = torch.stack([s[0] + part[0], s[1] + part[1],
+                                       torch.maximum(s[2], part[2]), torch.minimum(s[3], part[3]),
+                                       s[4] + part[4], s[5] + part[5], part[6]])
+        self._norms = []
 
     def get_stats(self) -> dict[str, float | int]:
         """Norm statistics since the last ``reset()``, as Python numbers (one host read).
@@ -130,6 +147,7 @@ class GradientClipper:
             norms above ``max_norm``), ``clip_fraction`` (``num_clipped / num_steps``),
             ``num_nonfinite``. Empty statistics give 0.0 for the norms.
         """
+        self._fold()
         if self._stats is None or self.num_steps == 0:
             return {"mean_norm": 0.0, "max_norm": 0.0, "min_norm": 0.0, "std_norm": 0.0,
                     "last_norm": 0.0, "num_steps": 0, "num_clipped": 0, "clip_fraction": 0.0,
@@ -152,6 +170,7 @@ class GradientClipper:
 
     def state_dict(self) -> dict[str, Any]:
         """Settings and statistics (the statistics as a CPU tensor)."""
+        self._fold()
         return {
             "max_norm": self.max_norm,
             "norm_type": self.norm_type,
@@ -165,7 +184,8 @@ class GradientClipper:
         self.norm_type = float(state["norm_type"])
         self.num_steps = int(state["num_steps"])
         self._stats = None if state["stats"] is None else state["stats"].clone()
-        self.last_finite = None
+        self._norms = []
+        self._last = None
 
     def __repr__(self) -> str:
         return f"GradientClipper(max_norm={self.max_norm}, norm_type={self.norm_type})"

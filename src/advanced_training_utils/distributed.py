@@ -21,6 +21,7 @@ FSDP is not supported yet.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 from collections.abc import Iterable
@@ -140,12 +141,16 @@ class DistContext:
     def abort(self) -> None:
         """After an error on this rank: destroy the process group without waiting for others."""
         if self.initialized_here and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
     def teardown(self) -> None:
         """Destroy the process group if :func:`setup` created it (after a barrier, so no rank
         tears down while another still has a collective in flight)."""
         if self.initialized_here and dist.is_initialized():
+            # Free the DDP wrapper (and its reducer, which holds the process group) first:
+            # a reducer outliving the group aborts the process at exit.
+            gc.collect()
             try:
                 dist.barrier()
             finally:

@@ -128,32 +128,52 @@ class Parts:
 
 @dataclass
 class EpochSums:
-    """Device-side running sums of one epoch."""
+    """An epoch's per-batch losses (0-d device tensors, no kernel launched per batch to keep
+    them) and counts; reduced on the device by :meth:`totals` when read."""
 
-    loss: torch.Tensor
-    finite_examples: torch.Tensor
+    device: torch.device
+    losses: list[torch.Tensor] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
     examples: int = 0
     batches: int = 0
     optimizer_steps: int = 0
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def add(self, loss: torch.Tensor, size: int) -> None:
+        self.losses.append(loss.detach())
+        self.sizes.append(size)
+        self.examples += size
+        self.batches += 1
+
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of size-weighted finite losses, examples in finite batches), as device scalars."""
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        if not self.losses:
+            z = torch.zeros((), device=self.device, dtype=dtype)
+            return z, z
+        loss = torch.stack(self.losses).to(dtype)
+        size = torch.tensor(self.sizes, dtype=dtype).to(self.device, non_blocking=True)
+        finite = torch.isfinite(loss)
+        return (torch.where(finite, loss, torch.zeros_like(loss)) * size).sum(), (
+            finite.to(dtype) * size).sum()
+
     def state_dict(self) -> dict[str, Any]:
-        """For mid-epoch checkpoints: tensors on the CPU, counts as ints."""
-        return {"loss": self.loss.detach().cpu(), "finite_examples": self.finite_examples.cpu(),
-                "examples": self.examples, "batches": self.batches,
+        """For mid-epoch checkpoints: the losses as one CPU tensor, counts as ints."""
+        return {"losses": torch.stack(self.losses).detach().cpu() if self.losses else None,
+                "sizes": list(self.sizes), "examples": self.examples, "batches": self.batches,
                 "optimizer_steps": self.optimizer_steps}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochSums:
-        return cls(loss=state["loss"].to(device), finite_examples=state["finite_examples"].to(device),
-                   examples=int(state["examples"]), batches=int(state["batches"]),
-                   optimizer_steps=int(state["optimizer_steps"]))
+        out = cls(device=device, sizes=list(state["sizes"]), examples=int(state["examples"]),
+                  batches=int(state["batches"]), optimizer_steps=int(state["optimizer_steps"]))
+        if state["losses"] is not None:
+            out.losses = list(state["losses"].to(device).unbind(0))
+        return out
 
     @classmethod
     def zeros(cls, device: torch.device) -> EpochSums:
-        return cls(loss=torch.zeros((), device=device, dtype=torch.float64 if device.type != "mps"
-                                    else torch.float32),
-                   finite_examples=torch.zeros((), device=device))
+        return cls(device=device)
 
 
 def _forward(p: Parts, x: Any, y: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,13 +229,8 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
         with p.sync_context(boundary=in_window == window - 1):
             out, loss = _forward(p, x, y, f"epoch {epoch}, batch {i}")
             p.precision.scale_loss(loss / window).backward()
-        bs = _batch_size(y)
         ld = loss.detach()
-        finite = torch.isfinite(ld)
-        sums.loss += torch.where(finite, ld, torch.zeros_like(ld)).to(sums.loss.dtype) * bs
-        sums.finite_examples += finite.float() * bs
-        sums.examples += bs
-        sums.batches += 1
+        sums.add(ld, _batch_size(y))
         window_loss = ld / window if window_loss is None else window_loss + ld / window
         if in_window == window - 1:
             p.precision.unscale_(p.optimizer)
@@ -249,12 +264,7 @@ def evaluate(parts: Parts, loader: Iterable[Any]) -> EpochSums:
         x, y = _to(x, p.device), _to(y, p.device)
         out, loss = _forward(p, x, y, f"validation batch {sums.batches}")
         bs = _batch_size(y)
-        ld = loss.detach()
-        finite = torch.isfinite(ld)
-        sums.loss += torch.where(finite, ld, torch.zeros_like(ld)).to(sums.loss.dtype) * bs
-        sums.finite_examples += finite.float() * bs
-        sums.examples += bs
-        sums.batches += 1
+        sums.add(loss, bs)
         for name, fn in p.metrics.items():
             sums.metrics[name] += fn(out.float(), y).detach().float() * bs
     return sums
@@ -274,15 +284,15 @@ def read_sums(train: EpochSums, val: EpochSums | None,
         none was), ``nonfinite_train_examples``, ``val_<metric>`` values and each ``extra`` key
         as a float (None values read as 0.0).
     """
-    device = train.loss.device
+    device = train.device
     names = list(val.metrics) if val is not None else []
 
     def count(n: int) -> torch.Tensor:
         return torch.full((), float(n), device=device)
 
-    vals = [train.loss, train.finite_examples, count(train.examples)]
+    vals = [*train.totals(), count(train.examples)]
     if val is not None:
-        vals += [val.loss, val.finite_examples, count(val.examples)]
+        vals += [*val.totals(), count(val.examples)]
         vals += [val.metrics[n] for n in names]
     extra = extra or {}
     vals += [v if v is not None else torch.zeros((), device=device) for v in extra.values()]

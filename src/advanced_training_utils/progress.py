@@ -42,8 +42,9 @@ class Progress:
         now = time.monotonic()
         if now - self._last >= self.min_interval:
             self._last = now
-            n = float(sums.finite_examples)
-            loss = float(sums.loss) / n if n else float("nan")
+            total, count = sums.totals()
+            n = float(count)
+            loss = float(total) / n if n else float("nan")
             self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr():.3g}", refresh=False)
 
     def finish(self, line: str) -> None:

@@ -1,13 +1,15 @@
 """Health checks of a model's gradients and weights that name what is wrong.
 
-Each check computes per-parameter norms with torch's ``_foreach_norm`` kernels (L2, L1, max-abs
-and min-abs; a tensor holding NaN has NaN norms and one holding Inf an Inf max-abs norm, which is
-how offending parameters are found without elementwise scans) and reads all of them in one host
-transfer (plus one per tensor so large that its float32 L2 norm overflows).
+Each check makes two fast passes over every parameter: torch's ``_foreach_norm`` (the L2 norm,
+as ``clip_grad_norm_`` does) and ``aminmax`` (its smallest and largest element). A tensor holding
+NaN has a NaN norm and NaN extremes, one holding Inf an infinite extreme: that is how offending
+parameters are found without elementwise scans. Everything is read in one host transfer (plus
+one per tensor so large that its float32 L2 norm overflows).
 
 Counts such as ``nan_grads`` are numbers of *parameters* (tensors) holding at least one NaN; the
-names are in ``nan_grad_params``. ``max_*``, ``min_*`` and ``mean_*`` are over the absolute
-values of the elements of the finite parameters.
+names are in ``nan_grad_params``. Over the finite parameters: ``max_*`` is the largest absolute
+element, ``mean_*`` the root-mean-square of all elements, ``min_*`` the smallest per-parameter
+root-mean-square (a dead or vanishing layer shows up there).
 """
 
 from __future__ import annotations
@@ -24,39 +26,48 @@ log = logging.getLogger(__name__)
 
 
 def _norm_table(tensors: list[torch.Tensor]) -> list[list[float]]:
-    """Per tensor ``[l2, l1, max_abs, min_abs]``, read in one transfer per device and dtype."""
+    """Per tensor ``[l2, min, max]`` (two fast passes: ``_foreach_norm`` and ``aminmax``), read
+    in one transfer per device and dtype."""
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
     rows: list[list[float]] = [[] for _ in tensors]
     for idx in groups.values():
         group = [tensors[i] for i in idx]
-        cols = [torch.stack(torch._foreach_norm(group, o)).float()
-                for o in (2.0, 1.0, math.inf, -math.inf)]
-        for i, row in zip(idx, torch.stack(cols, dim=1).tolist()):
+        l2 = torch.stack(torch._foreach_norm(group, 2.0)).float()
+        mm = [torch.aminmax(t) if t.numel() else (t.new_zeros(()), t.new_zeros(())) for t in group]
+        lo = torch.stack([m[0] for m in mm]).float()
+        hi = torch.stack([m[1] for m in mm]).float()
+        for i, row in zip(idx, torch.stack([l2, lo, hi], dim=1).tolist()):
             rows[i] = row
     return rows
 
 
 def _summarise(named: list[tuple[str, torch.Tensor]], kind: str) -> dict[str, Any]:
-    rows = _norm_table([t.detach() for _, t in named])
-    # NaN anywhere makes the L2 and max-abs norms NaN; +-Inf makes the max-abs norm Inf. A huge
-    # finite tensor can overflow its float32 L2 norm alone: recompute that one in float64.
-    for (_, t), r in zip(named, rows):
-        if math.isinf(r[0]) and math.isfinite(r[2]):
-            r[0] = float(torch.linalg.vector_norm(t.detach().double()))
-    nan_names = [n for (n, _), r in zip(named, rows) if math.isnan(r[0]) or math.isnan(r[2])]
-    inf_names = [n for (n, _), r in zip(named, rows)
-                 if math.isinf(r[2]) and not (math.isnan(r[0]) or math.isnan(r[2]))]
-    bad = set(nan_names) | set(inf_names)
-    ok = [(n, t, r) for (n, t), r in zip(named, rows) if n not in bad]
-    numel = sum(t.numel() for _, t, _ in ok)
+    tensors = [t.detach() for _, t in named]
+    rows = _norm_table(tensors)
+    table = []
+    for t, (l2, lo, hi) in zip(tensors, rows):
+        max_abs = max(abs(lo), abs(hi)) if not (math.isnan(lo) or math.isnan(hi)) else math.nan
+        if math.isinf(l2) and math.isfinite(max_abs):
+            # A huge finite tensor overflows its float32 L2 norm: recompute it in float64.
+            l2 = float(torch.linalg.vector_norm(t.double()))
+        table.append((l2, max_abs, t.numel()))
+    # NaN anywhere makes the L2 norm and min/max NaN; +-Inf makes max |x| Inf.
+    nan_names = [n for (n, _), (l2, mx, _k) in zip(named, table)
+                 if math.isnan(l2) or math.isnan(mx)]
+    bad = set(nan_names)
+    inf_names = [n for (n, _), (_l2, mx, _k) in zip(named, table) if n not in bad and math.isinf(mx)]
+    bad |= set(inf_names)
+    ok = [(l2, mx, k) for (n, _), (l2, mx, k) in zip(named, table) if n not in bad]
+    rms = [l2 / math.sqrt(k) for l2, _mx, k in ok if k]
+    numel = sum(k for *_, k in ok)
     return {
-        f"max_{kind}": max((r[2] for *_, r in ok), default=0.0),
-        f"min_{kind}": min((r[3] for *_, r in ok), default=0.0),
-        f"mean_{kind}": (sum(r[1] for *_, r in ok) / numel) if numel else 0.0,
+        f"max_{kind}": max((mx for _l2, mx, _k in ok), default=0.0),
+        f"min_{kind}": min(rms, default=0.0),
+        f"mean_{kind}": math.sqrt(sum(l2 * l2 for l2, _mx, _k in ok) / numel) if numel else 0.0,
         "total_norm": math.nan if (nan_names or inf_names)
-        else math.sqrt(sum(r[0] ** 2 for *_, r in ok)),
+        else math.sqrt(sum(l2 * l2 for l2, _mx, _k in ok)),
         f"nan_{kind}s": len(nan_names),
         f"inf_{kind}s": len(inf_names),
         f"nan_{kind}_params": nan_names,

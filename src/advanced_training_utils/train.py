@@ -23,12 +23,14 @@ and training goes on; after 3 failures in a row the run stops with :class:`Check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +213,8 @@ class _Run:
                         else self.dir / f"{name}_metrics.jsonl" if self.dir else None)
         self.tb = None
         self.failures = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
         if self.dir is not None and is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".{name}.write-test"
@@ -228,11 +232,26 @@ class _Run:
                 warnings.warn("tensorboard=True but tensorboard is not installed; skipping it",
                               RuntimeWarning, stacklevel=3)
 
-    def save(self, payload: dict[str, Any] | None, best: bool) -> None:
-        """Write ``_last.pt`` (and ``_best.pt``) on the main rank; a failed write is logged and
-        training goes on, 3 failures in a row raise."""
+    def save(self, payload: dict[str, Any] | None, best: bool, background: bool = False) -> None:
+        """Write ``_last.pt`` (and ``_best.pt``) on the main rank.
+
+        ``background=True`` (epoch-end checkpoints) snapshots the payload to CPU copies and
+        writes it on a writer thread while training goes on; every save first waits for the
+        previous one, so files are written in order and at most one is in flight. A failed write
+        is logged and training goes on; 3 failures in a row raise :class:`CheckpointError`.
+        """
         if self.last is None or payload is None or not self.is_main:
             return
+        self.wait()
+        if background:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+            self._pending = self._pool.submit(self._write, _cpu_copy(payload), best)
+        else:
+            self._write(payload, best)
+
+    def _write(self, payload: dict[str, Any], best: bool) -> None:
+        assert self.last is not None and self.best is not None
         try:
             if best:
                 ck.save_checkpoint(self.best, payload)
@@ -245,6 +264,12 @@ class _Run:
             if self.failures >= _MAX_WRITE_FAILURES:
                 raise ck.CheckpointError(self.last, f"{self.failures} checkpoint writes failed "
                                          f"in a row; last error: {e}") from e
+
+    def wait(self) -> None:
+        """Block until the background write (if any) is on disk; re-raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
         """Make the metrics file hold exactly ``history`` (after a resume)."""
@@ -264,9 +289,42 @@ class _Run:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, entry["epoch"])
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    def close(self, raise_errors: bool = True) -> None:
+        try:
+            self.wait()
+        except Exception:
+            if raise_errors:
+                raise
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            if self.tb is not None:
+                self.tb.close()
+                self.tb = None
+
+
+@contextlib.contextmanager
+def _closing(run: _Run) -> Any:
+    """Close the run's writers: waits for a background checkpoint write; on an error already
+    propagating, a write error is only logged."""
+    try:
+        yield
+    except BaseException:
+        run.close(raise_errors=False)
+        raise
+    run.close()
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A snapshot of a payload: tensors copied to the CPU, containers copied, rest shared."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _cpu_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
 
 
 def _nan_to_none(entry: dict[str, Any]) -> dict[str, Any]:
@@ -477,7 +535,7 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
     global_step = [0]
     lr_history: list[float] = []
 
-    with PreemptionHandler(cfg.handle_signals) as preempt:
+    with PreemptionHandler(cfg.handle_signals) as preempt, _closing(run):
         for epoch in range(epochs_done + 1, cfg.epochs + 1):
             if stopped_early:
                 break
@@ -600,11 +658,10 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
                 progress.finish(_summary_line(entry, cfg.epochs))
             else:
                 log.info(_summary_line(entry, cfg.epochs))
-            run.save(payload(epoch, 0, None), best=improved)
+            run.save(payload(epoch, 0, None), best=improved, background=True)
             if stopped_early:
                 log.info("early stopping at epoch %d (best epoch %d)", epoch, best["epoch"])
 
-    run.close()
     if cfg.restore_best_weights and best["state"] is not None:
         model.load_state_dict(best["state"])
     return {
