@@ -1,10 +1,11 @@
 """The one place that decides whether an optimizer step is taken.
 
 A step is *bad* when the loss or the (unscaled) gradient norm is NaN or Inf, or, with
-``spike_factor=k``, when the loss exceeds ``k`` times the median of the last ``spike_window`` good
-losses (once at least half the window is filled; this assumes positive losses, as cross-entropy
-and MSE are). A bad step is not applied: parameters, optimizer state, the scheduler and (fp16) the
-scaler's growth are left alone, and the step is counted.
+``spike_factor=k``, when the loss exceeds ``k`` times the median of the recent good losses (the
+last ``spike_window`` steps; the threshold is refreshed every ``_REFRESH`` steps once half the
+window is filled; this assumes positive losses, as cross-entropy and MSE are). A bad step is not
+applied: parameters, optimizer state, the scheduler and (fp16) the scaler's growth are left
+alone, and the step is counted.
 
 How the skip is applied without reading the device on the host: optimizers that support AMP
 scaling natively (torch's fused Adam, AdamW, SGD, Adagrad: ``_step_supports_amp_scaling``) take a
@@ -12,15 +13,16 @@ scaling natively (torch's fused Adam, AdamW, SGD, Adagrad: ``_step_supports_amp_
 optimizers need a Python ``if``; for them the guard reads one flag per optimizer step (documented
 cost; the default optimizer is fused AdamW, which avoids it).
 
-Every counter (skipped, spikes, the current run of consecutive bad steps, the per-step log of
-losses, norms and flags) is a device tensor, read by the caller at epoch end or at its chosen
-check interval.
+Per step the guard launches five tiny kernels and keeps references to the step's loss, norm and
+flags; the per-step log, counts and the current run of consecutive bad steps are reduced on the
+device when the caller reads them (epoch end, or its recovery check interval).
 
 With ``enabled=False`` every step is applied, NaN included (used to show what the guard saves).
 """
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +34,8 @@ from ._validate import check_int, check_real
 
 __all__ = ["StepGuard"]
 
+_REFRESH = 8  # steps between refreshes of the spike threshold
+
 
 class StepGuard:
     """Detect bad steps and apply or skip the optimizer step accordingly.
@@ -40,7 +44,7 @@ class StepGuard:
         optimizer: the optimizer whose steps are guarded.
         enabled: False applies every step (no skipping at all).
         spike_factor: treat a loss above ``spike_factor`` x the running median as bad (None: off).
-        spike_window: how many recent good losses the median is taken over.
+        spike_window: how many recent steps the median is taken over (good steps only).
         reduce_max: under DDP, an in-place all-reduce MAX so every rank skips the same steps.
 
     Attributes:
@@ -51,50 +55,53 @@ class StepGuard:
                  spike_factor: float | None = None, spike_window: int = 20,
                  reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.optimizer = optimizer
-        self.reduce_max = reduce_max
         self.enabled = enabled
+        self.reduce_max = reduce_max
         self.spike_factor = (None if spike_factor is None else
                              check_real("spike_factor", spike_factor, low=1.0, low_inclusive=False))
         self.spike_window = check_int("spike_window", spike_window, low=2)
         self.device_side = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         self.total_skipped = 0          # host totals of finished intervals
         self.total_spikes = 0
-        self._losses: torch.Tensor | None = None   # [window] recent good losses (NaN = empty)
-        self._pos = 0
-        self._consec: torch.Tensor | None = None   # current run of consecutive bad steps
+        self._count = 0                 # steps seen (drives the threshold refresh)
+        self._recent: collections.deque[tuple[torch.Tensor, torch.Tensor]] = collections.deque(
+            maxlen=self.spike_window)
+        self._threshold: torch.Tensor | None = None
+        self._consec: torch.Tensor | None = None   # bad run carried over from earlier intervals
         self.reset_interval()
 
     # ------------------------------------------------------------------ per step
     def is_bad(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """0-dim bool tensor: the step must be skipped (non-finite, or a loss spike)."""
         loss = loss.detach().float()
-        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device)))
-        spike = torch.zeros_like(bad)
+        norm = grad_norm.detach().float().to(loss.device)
+        nonfinite = torch.isfinite(loss + norm).logical_not_()  # NaN/Inf in either
+        bad, spike = nonfinite, None
         if self.spike_factor is not None:
-            if self._losses is None or self._losses.device != loss.device:
-                self._losses = torch.full((self.spike_window,), math.nan, device=loss.device)
-            hist = self._losses
-            filled = (~torch.isnan(hist)).sum() >= (self.spike_window + 1) // 2
-            spike = filled & (loss > self.spike_factor * torch.nanmedian(hist)) & ~bad
-            bad = bad | spike
-            hist[self._pos % self.spike_window] = torch.where(
-                bad, hist[self._pos % self.spike_window], loss)
-            self._pos += 1
+            if self._count % _REFRESH == 0:
+                self._refresh_threshold(loss.device)
+            if self._threshold is not None:
+                spike = loss > self._threshold
+                bad = nonfinite | spike
         if self.reduce_max is not None:  # every rank takes the same decision (no host read)
-            flag = self.reduce_max(bad.float())
-            bad = flag > 0
-        self._log(loss, grad_norm, bad, spike)
+            bad = self.reduce_max(bad.float()) > 0
+        self._count += 1
+        self._recent.append((loss, bad))
+        self._steps.append((loss, norm, bad, spike))
         return bad
 
-    def _log(self, loss: torch.Tensor, norm: torch.Tensor, bad: torch.Tensor,
-             spike: torch.Tensor) -> None:
-        dev = loss.device
-        badf = bad.float()
-        self._consec = badf if self._consec is None else (self._consec.to(dev) + 1.0) * badf
-        self._max_consec = (self._consec if self._max_consec is None
-                            else torch.maximum(self._max_consec, self._consec))
-        self._steps.append(torch.stack([loss, norm.detach().float().to(dev), badf,
-                                        spike.float()]))
+    def _refresh_threshold(self, device: torch.device) -> None:
+        """``spike_factor`` x the median of the recent good losses (needs half a window)."""
+        if len(self._recent) < (self.spike_window + 1) // 2:
+            return
+        losses = torch.stack([x for x, _ in self._recent])
+        bad = torch.stack([b for _, b in self._recent])
+        good = torch.where(bad, torch.full_like(losses, math.nan), losses)
+        med = torch.nanmedian(good)
+        # All recent steps bad (median NaN): keep the previous threshold.
+        new = self.spike_factor * med
+        self._threshold = new if self._threshold is None else torch.where(
+            torch.isnan(new), self._threshold, new)
 
     def step(self, bad: torch.Tensor) -> bool | None:
         """Apply the optimizer step unless ``bad``.
@@ -123,37 +130,65 @@ class StepGuard:
 
     # ------------------------------------------------------------------ reading
     def reset_interval(self) -> None:
-        """Start a new reading interval (an epoch, or a recovery check interval)."""
-        self._steps: list[torch.Tensor] = []
-        self._max_consec: torch.Tensor | None = None
+        """Start a new reading interval (an epoch, or a recovery check interval); the current
+        run of consecutive bad steps carries over."""
+        if getattr(self, "_steps", None):
+            self._consec = self.consecutive()
+        self._steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]] = []
 
     def interval_log(self) -> torch.Tensor | None:
         """``[steps, 4]`` device tensor of (loss, grad norm, bad, spike) since the last reset."""
-        return torch.stack(self._steps) if self._steps else None
+        if not self._steps:
+            return None
+        loss = torch.stack([s[0] for s in self._steps])
+        norm = torch.stack([s[1] for s in self._steps])
+        bad = torch.stack([s[2] for s in self._steps]).float()
+        spike = torch.stack([s[3] if s[3] is not None else torch.zeros_like(s[2])
+                             for s in self._steps]).float()
+        return torch.stack([loss, norm, bad, spike], dim=1)
 
     def consecutive(self) -> torch.Tensor | None:
-        """Device 0-dim: the current run of consecutive bad steps."""
-        return self._consec
+        """Device 0-dim: the current run of consecutive bad steps (across intervals)."""
+        if not self._steps:
+            return self._consec
+        bad = torch.stack([s[2] for s in self._steps])                  # [n]
+        n = bad.numel()
+        idx = torch.arange(n, device=bad.device)
+        last_good = torch.where(bad, torch.full_like(idx, -1), idx).max()
+        run = (n - 1 - last_good).float()
+        if self._consec is not None:  # every step of this interval bad: add the earlier run
+            run = torch.where(last_good < 0, run + self._consec.to(run.device), run)
+        return run
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Host totals, the spike window and the current bad run."""
-        return {"total_skipped": self.total_skipped, "total_spikes": self.total_spikes,
-                "losses": None if self._losses is None else self._losses.detach().cpu(),
-                "pos": self._pos,
-                "consec": None if self._consec is None else self._consec.detach().cpu(),
-                "max_consec": None if self._max_consec is None else self._max_consec.detach().cpu(),
-                "steps": None if not self._steps else torch.stack(self._steps).detach().cpu()}
+        """Host totals, the spike window and threshold, this interval's log, the bad run."""
+        def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().cpu()
+
+        return {
+            "total_skipped": self.total_skipped, "total_spikes": self.total_spikes,
+            "count": self._count, "threshold": cpu(self._threshold),
+            "recent": None if not self._recent else torch.stack(
+                [torch.stack([x, b.float()]) for x, b in self._recent]).cpu(),
+            "steps": cpu(self.interval_log()), "consec": cpu(self._consec),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`."""
+        dev = self.optimizer.param_groups[0]["params"][0].device
         self.total_skipped = int(state["total_skipped"])
         self.total_spikes = int(state.get("total_spikes", 0))
-        dev = self.optimizer.param_groups[0]["params"][0].device
-        self._losses = None if state.get("losses") is None else state["losses"].to(dev)
-        self._pos = int(state.get("pos", 0))
+        self._count = int(state.get("count", 0))
+        thr = state.get("threshold")
+        self._threshold = None if thr is None else thr.to(dev)
+        self._recent.clear()
+        if state.get("recent") is not None:
+            for row in state["recent"].to(dev).unbind(0):
+                self._recent.append((row[0], row[1] > 0))
         self._consec = None if state.get("consec") is None else state["consec"].to(dev)
-        self._max_consec = (None if state.get("max_consec") is None
-                            else state["max_consec"].to(dev))
+        self._steps = []
         steps = state.get("steps")
-        self._steps = [] if steps is None else list(steps.to(dev).unbind(0))
+        if steps is not None:
+            for row in steps.to(dev).unbind(0):
+                self._steps.append((row[0], row[1], row[2] > 0, row[3] > 0))

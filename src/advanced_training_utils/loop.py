@@ -22,6 +22,7 @@ __all__ = ["Parts", "split_batch", "train_epoch", "evaluate", "read_sums", "accu
            "resolve_metrics"]
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_NULL = contextlib.nullcontext()
 
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -123,7 +124,7 @@ class Parts:
         """DDP's ``no_sync()`` for micro-batches before an accumulation boundary."""
         if not boundary and hasattr(self.model, "no_sync"):
             return self.model.no_sync()
-        return contextlib.nullcontext()
+        return _NULL
 
 
 @dataclass

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,6 +24,8 @@ from ._validate import check_choice, check_int, check_real
 __all__ = ["MixedPrecisionTrainer", "resolve_amp_dtype"]
 
 log = logging.getLogger(__name__)
+
+_NULL = contextlib.nullcontext()  # reusable: nullcontext keeps no state
 
 _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -110,14 +111,11 @@ class MixedPrecisionTrainer:
         """The current loss scale (1.0 when not scaling). Reads the device."""
         return float(self._scaler.get_scale()) if self._scaler is not None else 1.0
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Context for the forward pass and loss: autocast when enabled, nothing otherwise."""
         if not self.enabled:
-            yield
-            return
-        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
-            yield
+            return _NULL
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` times the current scale (float16), else ``loss`` itself."""
