@@ -173,11 +173,31 @@ def checkpoint_chain(last: Path, keep_last: int) -> list[Path]:
     return [last] + [last.with_name(f"{last.stem}.{i}{last.suffix}") for i in range(1, keep_last)]
 
 
-def rotate_and_save(last: Path, payload: Mapping[str, Any], keep_last: int = 2) -> Path:
+def _link_into_place(src: Path, dst: Path) -> None:
+    """Make ``dst`` hold ``src``'s bytes atomically: a hard link (or a copy) then a rename."""
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:  # no hard links on this filesystem
+        import shutil
+
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def rotate_and_save(last: Path, payload: Mapping[str, Any], keep_last: int = 2,
+                    same_as: Path | None = None) -> Path:
     """Save ``payload`` as ``last``, keeping the ``keep_last - 1`` previous ones as ``.1``, ``.2``...
 
     Older files are renamed before the new one is written; whatever happens, the newest complete
     checkpoint stays on disk (as ``last`` or ``last.1``), and :func:`find_resumable` finds it.
+    ``same_as``: a checkpoint file already holding ``payload`` (linked instead of re-written;
+    files are only ever replaced, never modified in place, so sharing an inode is safe).
     """
     chain = checkpoint_chain(Path(last), keep_last)
     if keep_last > 1 and chain[0].exists():
@@ -186,6 +206,9 @@ def rotate_and_save(last: Path, payload: Mapping[str, Any], keep_last: int = 2) 
         for older, newer in zip(reversed(chain[1:]), reversed(chain[:-1])):
             if newer.exists():
                 os.replace(newer, older)
+    if same_as is not None:
+        _link_into_place(Path(same_as), chain[0])
+        return chain[0]
     return save_checkpoint(chain[0], payload)
 
 

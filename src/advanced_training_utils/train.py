@@ -254,8 +254,12 @@ class _Run:
         assert self.last is not None and self.best is not None
         try:
             if best:
+                # One serialisation for both files: _best.pt first (so a crash in between never
+                # leaves a _last.pt newer than its _best.pt), then _last.pt as a hard link to it.
                 ck.save_checkpoint(self.best, payload)
-            ck.rotate_and_save(self.last, payload, self.keep_last)
+                ck.rotate_and_save(self.last, payload, self.keep_last, same_as=self.best)
+            else:
+                ck.rotate_and_save(self.last, payload, self.keep_last)
             self.failures = 0
         except OSError as e:
             self.failures += 1
