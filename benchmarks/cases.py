@@ -41,7 +41,7 @@ def _loaders(n: int = 4096, batch: int = 64, cnn: bool = False):
         x = x[:, 0]
     y = torch.randint(0, 4, (n,), generator=g)
     ds = torch.utils.data.TensorDataset(x, y)
-    val = torch.utils.data.TensorDataset(x[:512], y[:512])
+    val = torch.utils.data.TensorDataset(x[:n // 8], y[:n // 8])  # validation scales with data
     return (torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True),
             torch.utils.data.DataLoader(val, batch_size=256))
 

@@ -111,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
            "allocator_pinned": not args.no_pin, "seconds": time.perf_counter() - t_start}
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.only and (out_dir / "cpu.json").exists():
+        # A partial run replaces its own rows in the last full results.
+        old = json.loads((out_dir / "cpu.json").read_text())
+        fresh = {r["name"] for r in rows}
+        rows = [r for r in old["rows"] if r["name"] not in fresh] + rows
+        order = [c[0] for c in COMPARISONS]
+        rows.sort(key=lambda r: order.index(r["name"]))
+        alloc = alloc or old.get("allocator")
+        env["partial_rerun"] = sorted(needed)
     (out_dir / "cpu.json").write_text(json.dumps({"env": env, "rows": rows, "allocator": alloc},
                                                  indent=2))
     lines = [f"CPU benchmarks: torch {env['torch']}, Python {env['python']}, {env['cpus']} cores, "

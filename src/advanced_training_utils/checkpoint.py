@@ -3,7 +3,8 @@
 A checkpoint is a plain dict of state dicts under the key constants below, plus
 ``FORMAT_KEY`` (the format version) and ``CHECKSUM_KEY`` (a CRC-32 over the payload's structure
 and tensor bytes, computed on the tensors' own buffers without copies; CRC-32 is what zip
-archives use to detect corruption, and it is 5x faster here than SHA-256). It is written to a temporary file in the same folder, flushed, fsynced and moved
+archives use to detect corruption, and it is 5x faster here than SHA-256). It is written to a
+temporary file in the same folder, flushed, fsynced and moved
 into place with ``os.replace``, so a crash mid-write leaves the previous file intact.
 
 Loading always uses ``torch.load(weights_only=True)``: a file whose unpickling would construct
