@@ -35,6 +35,7 @@ variants = {
     "+ loss-spike detection": ours(),
     "+ stability checks every epoch": ours(check_stability=True, stability_every=1),
     "+ checkpoints every epoch": ours(check_stability=True, stability_every=1, checkpoint_dir=d),
+    "+ progress bar (verbose, to /dev/null)": lambda: cases._ours(cases._mlp(), tl, vl, 3, d),
 }
 for f in variants.values():
     f()
