@@ -1,9 +1,11 @@
 """The one place that decides whether an optimizer step is taken.
 
 A step is *bad* when the loss or the (unscaled) gradient norm is NaN or Inf, or, with
-``spike_factor=k``, when the loss exceeds ``k`` times the median of the recent good losses (the
-last ``spike_window`` steps; the threshold is refreshed every ``_REFRESH`` steps once half the
-window is filled; this assumes positive losses, as cross-entropy and MSE are). A bad step is not
+``spike_factor=k``, when the loss exceeds ``k`` times the 90th percentile of the recent good
+losses (the last ``spike_window`` steps; the threshold is refreshed every ``_REFRESH`` steps once
+half the window is filled; this assumes positive losses, as cross-entropy and MSE are). A high
+percentile rather than the median: late in training a cross-entropy median can be 0.02 while an
+ordinary hard batch scores 0.5, and that batch must not count as a spike. A bad step is not
 applied: parameters, optimizer state, the scheduler and (fp16) the scaler's growth are left
 alone, and the step is counted.
 
@@ -43,8 +45,9 @@ class StepGuard:
     Args:
         optimizer: the optimizer whose steps are guarded.
         enabled: False applies every step (no skipping at all).
-        spike_factor: treat a loss above ``spike_factor`` x the running median as bad (None: off).
-        spike_window: how many recent steps the median is taken over (good steps only).
+        spike_factor: treat a loss above ``spike_factor`` x the 90th percentile of the recent good
+            losses as bad (None: off).
+        spike_window: how many recent steps the percentile is taken over (good steps only).
         reduce_max: under DDP, an in-place all-reduce MAX so every rank skips the same steps.
 
     Attributes:
@@ -91,15 +94,16 @@ class StepGuard:
         return bad
 
     def _refresh_threshold(self, device: torch.device) -> None:
-        """``spike_factor`` x the median of the recent good losses (needs half a window)."""
+        """``spike_factor`` x the 90th percentile of the recent good losses (half a window at
+        least)."""
         if len(self._recent) < (self.spike_window + 1) // 2:
             return
         losses = torch.stack([x for x, _ in self._recent])
         bad = torch.stack([b for _, b in self._recent])
         good = torch.where(bad, torch.full_like(losses, math.nan), losses)
-        med = torch.nanmedian(good)
-        # All recent steps bad (median NaN): keep the previous threshold.
-        new = self.spike_factor * med
+        q90 = torch.nanquantile(good, 0.9)
+        # All recent steps bad (NaN): keep the previous threshold.
+        new = self.spike_factor * q90
         self._threshold = new if self._threshold is None else torch.where(
             torch.isnan(new), self._threshold, new)
 
