@@ -221,3 +221,10 @@ def test_bank_is_rebuilt_exactly_after_restore_across_refreshes():
     b = DataAugmentation(seed=3)
     b.load_state_dict(state)
     assert all(torch.equal(b.augment_audio_features(x), n) for n in nxt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_audio_dtypes_kept(dtype):
+    x = torch.randn(3, 16, 20).to(dtype)
+    out = DataAugmentation(seed=0).augment_audio_features(x, noise_level=0.1)
+    assert out.dtype == dtype and out.shape == x.shape and torch.isfinite(out).all()

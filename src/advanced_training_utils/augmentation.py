@@ -223,12 +223,13 @@ class DataAugmentation:
         dims = (1, 2, 3)
         masking = time_mask or freq_mask
         mean = None
+        acc = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64
         if noise_level > 0 or (masking and mask_value == "mean"):
             # Two fast reductions (mean and L2) instead of a slow two-pass std.
-            mean = torch.mean(x4, dim=dims, keepdim=True, dtype=torch.float32)
+            mean = torch.mean(x4, dim=dims, keepdim=True, dtype=acc)
         if noise_level > 0:
             n = x4[0].numel()
-            sumsq = torch.linalg.vector_norm(x4, dim=dims, keepdim=True, dtype=torch.float32)
+            sumsq = torch.linalg.vector_norm(x4, dim=dims, keepdim=True, dtype=acc)
             var = (sumsq.square() / n - mean.square()).clamp_min(0.0)
             scale = (var.sqrt() * noise_level).to(x.dtype)          # [B, 1, 1, 1]
             noise = self._randn_like(x4) if exact_noise else self._bank_noise(x4)
