@@ -20,7 +20,8 @@ from advanced_training_utils import (
 )
 
 CE = torch.nn.CrossEntropyLoss()
-SETTINGS = settings(max_examples=100, deadline=None,
+# derandomize: CI sees the same 560 cases every run (random seeds were also run by hand).
+SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 anything = st.one_of(
@@ -121,7 +122,8 @@ def test_stability_names_every_bad_parameter(fills):
     assert g["healthy"] == (not nan and not inf)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(key=st.sampled_from(["learning_rate", "gradient_clip", "scheduler_type",
                             "accumulation_steps", "early_stop_patience", "amp_dtype", "augment",
                             "checkpoint_every_n_steps", "keep_last", "spike_factor",
