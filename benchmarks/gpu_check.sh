@@ -10,5 +10,5 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 timeout 300 python3 benchmarks/gpu.py --out "$OUT"
 echo "gpu.py exit: $?"
 # The test suite with CUDA visible (guide snippets need ../shared, absent there: skipped).
-timeout 200 python3 -m pytest tests -q -x -p no:cacheprovider --deselect tests/test_guide_snippets.py::test_guide_found \
+timeout 360 python3 -m pytest tests -q -x -p no:cacheprovider --deselect tests/test_guide_snippets.py::test_guide_found \
   2>&1 | tee "$OUT/pytest-gpu.log" | tail -25
