@@ -23,14 +23,11 @@ and training goes on; after 3 failures in a row the run stops with :class:`Check
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +35,26 @@ import torch
 
 from . import checkpoint as ck
 from . import distributed
-from .augmentation import DataAugmentation
 from .clipping import GradientClipper
 from .config import TrainConfig
 from .dataorder import make_resumable
 from .early_stopping import EarlyStopping
 from .guard import StepGuard
-from .loop import EpochSums, Parts, evaluate, read_sums, resolve_metrics, split_batch, train_epoch
+from .loop import EpochSums, Parts, evaluate, read_sums, resolve_metrics, train_epoch
 from .precision import MixedPrecisionTrainer
 from .preemption import PreemptionHandler, TrainingPreempted
+from .prepare import (
+    build_augment,
+    build_optimizer,
+    check_inputs,
+    check_labels,
+    first_batch,
+    infer_modality,
+    resolve_device,
+)
 from .progress import Progress
 from .recovery import Recovery
+from .runfiles import RunFiles, closing
 from .scheduler import LearningRateScheduler
 from .stability import TrainingStability
 
@@ -56,284 +62,9 @@ __all__ = ["train_model_advanced", "resolve_device", "infer_modality"]
 
 log = logging.getLogger(__name__)
 
-_MAX_WRITE_FAILURES = 3
 LOADER_KEY = "epoch_order"
 RANKS_KEY = "ranks"          # per-rank state: RNG, epoch sums, guard (one entry per rank)
 RECOVERY_KEY = "recovery"
-
-
-# ---------------------------------------------------------------------------- setup helpers
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``'auto'`` -> cuda, mps or cpu; ``'cuda'`` without CUDA -> cpu with a warning."""
-    name = str(device)
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {name!r}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        msg = f"device={name!r} but CUDA is not available; training on the CPU instead"
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        log.warning(msg)
-        return torch.device("cpu")
-    return dev
-
-
-def infer_modality(x: torch.Tensor) -> str:
-    """The augmentation modality for an input batch, by shape.
-
-    Rule: 3 or more dims (``[B, F, T]``, ``[B, C, F, T]``) -> ``'audio'``; 2 dims with 128
-    columns (``[B, 128]``, MIDI pitches) -> ``'notes'``; other 2-dim inputs -> ``'emotion'``.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"cannot infer an augmentation for inputs of type {type(x).__name__}; "
-                        "pass augment='audio'|'emotion'|'notes' or a callable")
-    if x.dim() >= 3:
-        return "audio"
-    if x.dim() == 2:
-        return "notes" if x.shape[-1] == 128 else "emotion"
-    raise ValueError(f"cannot infer an augmentation for inputs of shape {tuple(x.shape)}; "
-                     "pass augment='audio'|'emotion'|'notes' or a callable")
-
-
-def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters (requires_grad=True): nothing to train")
-    opt = cfg.optimizer
-    if opt is None:
-        try:  # fused: fastest, and it can skip a bad step on the device (see guard.py)
-            opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                    fused=True)
-        except (RuntimeError, TypeError, ValueError):
-            opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    elif not isinstance(opt, torch.optim.Optimizer):
-        opt = opt(params)
-        if not isinstance(opt, torch.optim.Optimizer):
-            raise TypeError(f"optimizer factory must return a torch.optim.Optimizer, got "
-                            f"{type(opt).__name__}")
-    own = {id(p) for p in model.parameters()}
-    foreign = [p for g in opt.param_groups for p in g["params"] if id(p) not in own]
-    if foreign:
-        raise ValueError(f"optimizer holds {len(foreign)} parameter(s) that are not the model's "
-                         "(was it built before the model was replaced or copied?)")
-    return opt
-
-
-def _build_augment(cfg: TrainConfig, sample: Any, seed: int | None
-                   ) -> tuple[Callable[[Any], Any] | None, DataAugmentation | None]:
-    if not cfg.use_augmentation:
-        return None, None
-    if callable(cfg.augment):
-        return cfg.augment, None
-    modality = cfg.augment or infer_modality(sample)
-    if cfg.augment is None:
-        log.info("use_augmentation: inputs shaped %s -> '%s' augmentation",
-                 tuple(sample.shape), modality)
-    aug = DataAugmentation(seed=seed)
-    fn = {"audio": aug.augment_audio_features, "emotion": aug.augment_emotion_embedding,
-          "notes": aug.augment_note_probabilities}[modality]
-    opts = dict(cfg.augment_options)
-    return (lambda x: fn(x, **opts)), aug
-
-
-def _first_batch(loader: Iterable[Any]) -> tuple[Any, Any]:
-    """Peek at the first batch without disturbing any RNG (the data order stays the same)."""
-    rng = ck.capture_rng()
-    try:
-        for batch in loader:
-            return split_batch(batch)
-    finally:
-        ck.restore_rng(rng)
-    raise ValueError("train_loader is empty: it yielded no batch")
-
-
-def _check_labels(criterion: Any, model: torch.nn.Module, x: Any, y: Any,
-                  device: torch.device) -> None:
-    """For class-index losses, check the first batch's labels against the model's outputs."""
-    if not isinstance(criterion, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)):
-        return
-    if not isinstance(y, torch.Tensor) or y.is_floating_point():
-        return
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x[:1].to(device) if isinstance(x, torch.Tensor) else x)
-    except Exception:
-        return  # the training loop reports forward failures with their batch position
-    finally:
-        model.train(was_training)
-    classes = out.shape[1] if out.dim() > 1 else out.shape[0]
-    ignore = getattr(criterion, "ignore_index", -100)
-    valid = y[y != ignore]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= classes):
-        raise ValueError(f"class labels must be in [0, {classes - 1}] for a model with "
-                         f"{classes} outputs; the first batch holds labels "
-                         f"{int(valid.min())}..{int(valid.max())}")
-
-
-def _check_inputs(model: Any, train_loader: Any, val_loader: Any, criterion: Any) -> None:
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if criterion is None or not callable(criterion):
-        raise TypeError(f"criterion must be callable (outputs, targets) -> loss, got {criterion!r}")
-    for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
-        if loader is None and name == "val_loader":
-            continue
-        if not hasattr(loader, "__iter__"):
-            raise TypeError(f"{name} must be an iterable of batches, got {type(loader).__name__}")
-    if iter(train_loader) is train_loader:
-        raise TypeError("train_loader must be re-iterable once per epoch (a DataLoader, a list of "
-                        "batches...), got a one-shot iterator/generator")
-    if hasattr(train_loader, "__len__") and len(train_loader) == 0:
-        raise ValueError("train_loader is empty (len 0): nothing to train on")
-    if val_loader is not None and hasattr(val_loader, "__len__") and len(val_loader) == 0:
-        raise ValueError("val_loader is empty (len 0); pass val_loader=None to follow the "
-                         "training loss instead")
-
-
-# ---------------------------------------------------------------------------- run files
-class _Run:
-    """Paths and writers of one run (no-ops when checkpoint_dir is None)."""
-
-    def __init__(self, cfg: TrainConfig, is_main: bool = True) -> None:
-        self.is_main = is_main
-        self.dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
-        self.keep_last = cfg.keep_last
-        name = cfg.model_name
-        self.best = self.dir / f"{name}_best.pt" if self.dir else None
-        self.last = self.dir / f"{name}_last.pt" if self.dir else None
-        self.metrics = (Path(cfg.metrics_file) if cfg.metrics_file is not None
-                        else self.dir / f"{name}_metrics.jsonl" if self.dir else None)
-        self.tb = None
-        self.failures = 0
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
-        if self.dir is not None and is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / f".{name}.write-test"
-            try:
-                probe.write_bytes(b"ok")
-                probe.unlink()
-            except OSError as e:
-                raise ck.CheckpointError(self.dir, f"checkpoint_dir is not writable ({e})") from e
-        if cfg.tensorboard and is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(self.dir / "tensorboard" if self.dir else None))
-            except ImportError:
-                warnings.warn("tensorboard=True but tensorboard is not installed; skipping it",
-                              RuntimeWarning, stacklevel=3)
-
-    def save(self, payload: dict[str, Any] | None, best: bool, background: bool = False) -> None:
-        """Write ``_last.pt`` (and ``_best.pt``) on the main rank.
-
-        ``background=True`` (epoch-end checkpoints) snapshots the payload to CPU copies and
-        writes it on a writer thread while training goes on; every save first waits for the
-        previous one, so files are written in order and at most one is in flight. A failed write
-        is logged and training goes on; 3 failures in a row raise :class:`CheckpointError`.
-        """
-        if self.last is None or payload is None or not self.is_main:
-            return
-        self.wait()
-        if background:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-            self._pending = self._pool.submit(self._write, _cpu_copy(payload), best)
-        else:
-            self._write(payload, best)
-
-    def _write(self, payload: dict[str, Any], best: bool) -> None:
-        assert self.last is not None and self.best is not None
-        try:
-            if best:
-                # One serialisation for both files: _best.pt first (so a crash in between never
-                # leaves a _last.pt newer than its _best.pt), then _last.pt as a hard link to it.
-                ck.save_checkpoint(self.best, payload)
-                ck.rotate_and_save(self.last, payload, self.keep_last, same_as=self.best)
-            else:
-                ck.rotate_and_save(self.last, payload, self.keep_last)
-            self.failures = 0
-        except OSError as e:
-            self.failures += 1
-            log.error("checkpoint write failed (%d in a row; previous checkpoint kept): %s",
-                      self.failures, e)
-            if self.failures >= _MAX_WRITE_FAILURES:
-                raise ck.CheckpointError(self.last, f"{self.failures} checkpoint writes failed "
-                                         f"in a row; last error: {e}") from e
-
-    def wait(self) -> None:
-        """Block until the background write (if any) is on disk; re-raise its error."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
-        """Make the metrics file hold exactly ``history`` (after a resume)."""
-        if self.metrics is not None and self.is_main:
-            self.metrics.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics, "w") as f:
-                for entry in history:
-                    f.write(json.dumps(_nan_to_none(entry), default=str) + "\n")
-
-    def write_metrics(self, entry: dict[str, Any]) -> None:
-        if self.metrics is not None and self.is_main:
-            self.metrics.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics, "a") as f:
-                f.write(json.dumps(_nan_to_none(entry), default=str) + "\n")
-        if self.tb is not None:
-            for k, v in entry.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, entry["epoch"])
-
-    def close(self, raise_errors: bool = True) -> None:
-        try:
-            self.wait()
-        except Exception:
-            if raise_errors:
-                raise
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-            if self.tb is not None:
-                self.tb.close()
-                self.tb = None
-
-
-@contextlib.contextmanager
-def _closing(run: _Run) -> Any:
-    """Close the run's writers: waits for a background checkpoint write; on an error already
-    propagating, a write error is only logged."""
-    try:
-        yield
-    except BaseException:
-        run.close(raise_errors=False)
-        raise
-    run.close()
-
-
-def _cpu_copy(obj: Any) -> Any:
-    """A snapshot of a payload: tensors copied to the CPU, containers copied, rest shared."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return type(obj)((k, _cpu_copy(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
-
-
-def _nan_to_none(entry: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in entry.items()}
 
 
 # ---------------------------------------------------------------------------- the function
@@ -386,7 +117,7 @@ def train_model_advanced(
             or 130).
     """
     cfg = TrainConfig.from_options(**options)
-    _check_inputs(model, train_loader, val_loader, criterion)
+    check_inputs(model, train_loader, val_loader, criterion)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -408,13 +139,13 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
            ctx: distributed.DistContext) -> dict[str, Any]:
     """The body of :func:`train_model_advanced` once the process group (if any) is up."""
     model.to(device)
-    run = _Run(cfg, ctx.is_main)
+    run = RunFiles(cfg, ctx.is_main)
     train_loader = ctx.shard(train_loader, cfg.seed or 0, train=True)
     if val_loader is not None:
         val_loader = ctx.shard(val_loader, cfg.seed or 0, train=False)
 
     # ---- parts
-    optimizer = _build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     amp_dtype = cfg.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -433,9 +164,9 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
             raise ValueError("scheduler_type='onecycle' needs a train_loader with a length")
         sched = LearningRateScheduler(optimizer, cfg.scheduler_type,
                                       **cfg.scheduler_options(steps_per_epoch or 1))
-    x0, y0 = _first_batch(train_loader)  # of this rank's shard
-    _check_labels(criterion, model, x0, y0, device)
-    augment, aug = _build_augment(cfg, x0, cfg.seed)
+    x0, y0 = first_batch(train_loader)  # of this rank's shard
+    check_labels(criterion, model, x0, y0, device)
+    augment, aug = build_augment(cfg, x0, cfg.seed)
     early = (EarlyStopping(cfg.early_stop_patience, cfg.min_delta)
              if cfg.early_stop_patience is not None else None)
     if val_loader is None and (early is not None or (sched is not None and sched.is_plateau)):
@@ -539,7 +270,7 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
     global_step = [0]
     lr_history: list[float] = []
 
-    with PreemptionHandler(cfg.handle_signals) as preempt, _closing(run):
+    with PreemptionHandler(cfg.handle_signals) as preempt, closing(run):
         for epoch in range(epochs_done + 1, cfg.epochs + 1):
             if stopped_early:
                 break

@@ -1,0 +1,159 @@
+"""Building and checking what a training run needs: device, optimizer, augmentation, inputs.
+
+Used by :func:`advanced_training_utils.train.train_model_advanced`; each helper raises a
+``ValueError``/``TypeError`` naming the problem before any training step runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from . import checkpoint as ck
+from .augmentation import DataAugmentation
+from .config import TrainConfig
+from .loop import split_batch
+
+__all__ = ["resolve_device", "infer_modality", "build_optimizer", "build_augment", "first_batch",
+           "check_labels", "check_inputs"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``'auto'`` -> cuda, mps or cpu; ``'cuda'`` without CUDA -> cpu with a warning."""
+    name = str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {name!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        msg = f"device={name!r} but CUDA is not available; training on the CPU instead"
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        log.warning(msg)
+        return torch.device("cpu")
+    return dev
+
+
+def infer_modality(x: torch.Tensor) -> str:
+    """The augmentation modality for an input batch, by shape.
+
+    Rule: 3 or more dims (``[B, F, T]``, ``[B, C, F, T]``) -> ``'audio'``; 2 dims with 128
+    columns (``[B, 128]``, MIDI pitches) -> ``'notes'``; other 2-dim inputs -> ``'emotion'``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"cannot infer an augmentation for inputs of type {type(x).__name__}; "
+                        "pass augment='audio'|'emotion'|'notes' or a callable")
+    if x.dim() >= 3:
+        return "audio"
+    if x.dim() == 2:
+        return "notes" if x.shape[-1] == 128 else "emotion"
+    raise ValueError(f"cannot infer an augmentation for inputs of shape {tuple(x.shape)}; "
+                     "pass augment='audio'|'emotion'|'notes' or a callable")
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (requires_grad=True): nothing to train")
+    opt = cfg.optimizer
+    if opt is None:
+        try:  # fused: fastest, and it can skip a bad step on the device (see guard.py)
+            opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                    fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    elif not isinstance(opt, torch.optim.Optimizer):
+        opt = opt(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"optimizer factory must return a torch.optim.Optimizer, got "
+                            f"{type(opt).__name__}")
+    own = {id(p) for p in model.parameters()}
+    foreign = [p for g in opt.param_groups for p in g["params"] if id(p) not in own]
+    if foreign:
+        raise ValueError(f"optimizer holds {len(foreign)} parameter(s) that are not the model's "
+                         "(was it built before the model was replaced or copied?)")
+    return opt
+
+
+def build_augment(cfg: TrainConfig, sample: Any, seed: int | None
+                   ) -> tuple[Callable[[Any], Any] | None, DataAugmentation | None]:
+    if not cfg.use_augmentation:
+        return None, None
+    if callable(cfg.augment):
+        return cfg.augment, None
+    modality = cfg.augment or infer_modality(sample)
+    if cfg.augment is None:
+        log.info("use_augmentation: inputs shaped %s -> '%s' augmentation",
+                 tuple(sample.shape), modality)
+    aug = DataAugmentation(seed=seed)
+    fn = {"audio": aug.augment_audio_features, "emotion": aug.augment_emotion_embedding,
+          "notes": aug.augment_note_probabilities}[modality]
+    opts = dict(cfg.augment_options)
+    return (lambda x: fn(x, **opts)), aug
+
+
+def first_batch(loader: Iterable[Any]) -> tuple[Any, Any]:
+    """Peek at the first batch without disturbing any RNG (the data order stays the same)."""
+    rng = ck.capture_rng()
+    try:
+        for batch in loader:
+            return split_batch(batch)
+    finally:
+        ck.restore_rng(rng)
+    raise ValueError("train_loader is empty: it yielded no batch")
+
+
+def check_labels(criterion: Any, model: torch.nn.Module, x: Any, y: Any,
+                  device: torch.device) -> None:
+    """For class-index losses, check the first batch's labels against the model's outputs."""
+    if not isinstance(criterion, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)):
+        return
+    if not isinstance(y, torch.Tensor) or y.is_floating_point():
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:1].to(device) if isinstance(x, torch.Tensor) else x)
+    except Exception:
+        return  # the training loop reports forward failures with their batch position
+    finally:
+        model.train(was_training)
+    classes = out.shape[1] if out.dim() > 1 else out.shape[0]
+    ignore = getattr(criterion, "ignore_index", -100)
+    valid = y[y != ignore]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= classes):
+        raise ValueError(f"class labels must be in [0, {classes - 1}] for a model with "
+                         f"{classes} outputs; the first batch holds labels "
+                         f"{int(valid.min())}..{int(valid.max())}")
+
+
+def check_inputs(model: Any, train_loader: Any, val_loader: Any, criterion: Any) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if criterion is None or not callable(criterion):
+        raise TypeError(f"criterion must be callable (outputs, targets) -> loss, got {criterion!r}")
+    for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
+        if loader is None and name == "val_loader":
+            continue
+        if not hasattr(loader, "__iter__"):
+            raise TypeError(f"{name} must be an iterable of batches, got {type(loader).__name__}")
+    if iter(train_loader) is train_loader:
+        raise TypeError("train_loader must be re-iterable once per epoch (a DataLoader, a list of "
+                        "batches...), got a one-shot iterator/generator")
+    if hasattr(train_loader, "__len__") and len(train_loader) == 0:
+        raise ValueError("train_loader is empty (len 0): nothing to train on")
+    if val_loader is not None and hasattr(val_loader, "__len__") and len(val_loader) == 0:
+        raise ValueError("val_loader is empty (len 0); pass val_loader=None to follow the "
+                         "training loss instead")
