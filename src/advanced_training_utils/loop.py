@@ -229,10 +229,12 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
             window_loss = None
         with p.sync_context(boundary=in_window == window - 1):
             out, loss = _forward(p, x, y, f"epoch {epoch}, batch {i}")
-            p.precision.scale_loss(loss / window).backward()
+            # No division (a kernel and an autograd node) when there is nothing to average.
+            p.precision.scale_loss(loss if window == 1 else loss / window).backward()
         ld = loss.detach()
         sums.add(ld, _batch_size(y))
-        window_loss = ld / window if window_loss is None else window_loss + ld / window
+        part = ld if window == 1 else ld / window
+        window_loss = part if window_loss is None else window_loss + part
         if in_window == window - 1:
             p.precision.unscale_(p.optimizer)
             norm = p.clipper.clip(p.inner)
