@@ -14,6 +14,7 @@ tampered file raises :class:`CheckpointError` naming the file and the problem.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
@@ -50,6 +51,9 @@ STEP_KEY = "step_in_epoch"
 RNG_KEY = "rng"
 CONFIG_KEY = "config"
 BEST_KEY = "best"
+
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -222,9 +226,6 @@ def find_resumable(last: Path, keep_last: int = 2, map_location: Any = "cpu"
     Raises:
         CheckpointError: files exist but none of them is intact.
     """
-    import logging
-
-    log = logging.getLogger(__name__)
     problems = []
     for path in checkpoint_chain(Path(last), max(keep_last, 8)):
         if not path.exists():

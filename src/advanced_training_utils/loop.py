@@ -309,7 +309,6 @@ def read_sums(train: EpochSums, val: EpochSums | None,
     k = 3
     if val is not None:
         out["val_loss"] = host[3] / host[4] if host[4] else float("nan")
-        out["val_examples"] = int(round(host[5]))
         for j, n in enumerate(names):
             out[f"val_{n}"] = host[6 + j] / host[5] if host[5] else float("nan")
         k = 6 + len(names)

@@ -121,13 +121,16 @@ class Recovery:
         return float(self.parts.optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ checks
-    def after_check(self, log_rows: list[list[float]] | None, consecutive: float, epoch: int,
-                    first_batch: int, lr_history: list[float], median_loss: float = math.nan,
+    def after_check(self, log_rows: list[list[float]] | None, n_steps: int, consecutive: float,
+                    epoch: int, first_batch: int, lr_history: list[float],
+                    median_loss: float = math.nan,
                     first_loss: float = math.nan) -> RecoveryEvent | None:
         """Decide after a check.
 
         Args:
-            log_rows: the interval's (loss, norm, bad, spike) rows (zeros when nothing was bad).
+            log_rows: the interval's (loss, norm, bad, spike) rows, or None when the caller
+                knows no step was bad (then they need not be read from the device).
+            n_steps: the interval's number of optimizer steps.
             consecutive: the current run of consecutive bad steps.
             median_loss: the median finite loss of the interval (skipped spikes included: they
                 measure the current weights too).
@@ -137,6 +140,8 @@ class Recovery:
             The rollback event, or None. Raises :class:`TrainingDivergedError` when the
             rollbacks are used up.
         """
+        if not self.enabled:
+            return None
         rows = log_rows or []
         bad_idx = [first_batch + i for i, r in enumerate(rows) if r[2] > 0]
         self._bad_positions.extend((epoch, b) for b in bad_idx)
@@ -147,7 +152,7 @@ class Recovery:
             grads = TrainingStability.check_gradients(self.parts.inner)
             self._first_nonfinite = (grads["nan_grad_params"] + grads["inf_grad_params"]
                                      + weights["nan_weight_params"] + weights["inf_weight_params"])
-        frac_bad = len(bad_idx) / len(rows) if rows else 0.0
+        frac_bad = len(bad_idx) / n_steps if n_steps else 0.0
         if self.ref_loss is None and math.isfinite(first_loss):
             self.ref_loss = first_loss  # the run's first loss: the reference until a snapshot
         ref = self.ref_loss if self.ref_loss is not None else math.nan
@@ -155,8 +160,6 @@ class Recovery:
                   and median_loss > self.divergence_factor * ref)
         diverged = (not weights["healthy"] or rising
                     or (consecutive >= self.rollback_after and frac_bad >= 0.5))
-        if not self.enabled:
-            return None
         if not diverged:
             # Refresh the snapshot only on a clean interval that is no worse than the reference,
             # so a slow drift upwards cannot ratchet the reference with it.
@@ -186,7 +189,7 @@ class Recovery:
         why = (f"median loss {median_loss:.4g} > {self.divergence_factor:g} x {ref:.4g}" if rising
                else "non-finite weights" if not weights["healthy"]
                else f"{int(consecutive)} consecutive bad steps ({frac_bad:.0%} of the interval)")
-        ev = RecoveryEvent("rollback", epoch, first_batch + len(rows),
+        ev = RecoveryEvent("rollback", epoch, first_batch + n_steps,
                            f"{why}; restored the last good snapshot, lr x{self.lr_factor}", lr)
         self.events.append(ev)
         log.warning("recovery: %s -> lr %.3g (rollback %d of %d)", ev.detail, lr,

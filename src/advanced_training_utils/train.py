@@ -297,10 +297,11 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
                     check_from[0] = done
                 every = cfg.checkpoint_every_n_steps
                 last_batch = n_batches is not None and done >= n_batches
-                if every is not None and global_step[0] % every == 0 and not last_batch:
+                due = every is not None and global_step[0] % every == 0 and not last_batch
+                stop = ctx.any_host(preempt.requested)  # one rank's signal stops every rank
+                if due or stop:
                     run.save(payload(epoch - 1, done, epoch_sums), best=False)
-                if ctx.any_host(preempt.requested):  # one rank's signal stops every rank
-                    run.save(payload(epoch - 1, done, epoch_sums), best=False)
+                if stop:
                     raise TrainingPreempted(preempt.signum or 15,
                                             str(run.last) if run.last else None)
 
@@ -322,7 +323,6 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
                 "consecutive_bad": guard.consecutive(),
                 **_loss_levels(steps),
             }, reduce_sum=ctx.sum_ if ctx.enabled else None, world_size=ctx.world_size)
-            nums.pop("val_examples", None)
             skipped, spikes = round(nums.pop("skipped_steps")), round(nums.pop("spike_steps"))
             consecutive = nums.pop("consecutive_bad")
             guard.total_skipped += skipped
@@ -332,10 +332,11 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
             # Recovery at epoch end (when not checking every N steps, this is the only check).
             event = None
             if cfg.recovery_check_every is None or skipped:
-                rows = steps.tolist() if (skipped and steps is not None) else (
-                    [[0.0, 0.0, 0.0, 0.0]] * (0 if steps is None else len(steps)))
-                event = recovery.after_check(rows, consecutive, epoch, check_from[0], lr_history,
-                                             nums.pop("median_loss"), nums.pop("first_loss"))
+                n_steps = 0 if steps is None else len(steps)
+                rows = steps.tolist() if skipped else None  # read only when a step was bad
+                event = recovery.after_check(rows, n_steps, consecutive, epoch, check_from[0],
+                                             lr_history, nums.pop("median_loss"),
+                                             nums.pop("first_loss"))
             guard.reset_interval()
 
             monitored = nums.get("val_loss", nums["train_loss"])
@@ -433,7 +434,7 @@ def _recovery_check(recovery: Recovery, guard: StepGuard, epoch: int, first_batc
     rows = steps.tolist()
     levels = torch.stack([v.double() for v in _loss_levels(steps).values()]).tolist()
     consecutive = float(guard.consecutive()) if guard.consecutive() is not None else 0.0
-    recovery.after_check(rows, consecutive, epoch, first_batch, lr_history, *levels)
+    recovery.after_check(rows, len(rows), consecutive, epoch, first_batch, lr_history, *levels)
     guard.reset_interval()
 
 
