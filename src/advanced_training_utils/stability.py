@@ -124,9 +124,10 @@ class TrainingStability:
             ``max_grad``, ``min_grad``, ``mean_grad`` (absolute element values over parameters
             with finite gradients), ``total_norm`` (L2 over all gradients; NaN when any is
             non-finite), ``nan_grads``/``inf_grads`` (how many parameters hold NaN / +-Inf
-            gradients; a gradient holding both counts in both) and their names in ``nan_grad_params``/``inf_grad_params``, ``no_grad_params``
-            (trainable parameters whose ``.grad`` is None), ``num_params`` (parameters with a
-            gradient) and ``healthy`` (no NaN/Inf gradient).
+            gradients; a gradient holding both counts in both) and their names in
+            ``nan_grad_params``/``inf_grad_params``, ``no_grad_params`` (trainable parameters
+            whose ``.grad`` is None), ``num_params`` (parameters with a gradient) and
+            ``healthy`` (no NaN/Inf gradient).
         """
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
