@@ -221,3 +221,22 @@ def test_sparse_gradient_with_no_stored_values():
 def test_load_state_dict_rejects_bad_state(state, exc, match):
     with pytest.raises(exc, match=match):
         GradientClipper().load_state_dict(state)
+
+
+@pytest.mark.parametrize("gradient_clip", [0.1, None])
+def test_train_model_advanced_trains_a_sparse_embedding_model(gradient_clip):
+    """The loop clips (or only measures) every step: sparse gradients used to stop it."""
+    from advanced_training_utils import train_model_advanced
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 20, (64, 3))
+    data = torch.utils.data.TensorDataset(x, x.sum(1) % 2)
+    loader = torch.utils.data.DataLoader(data, batch_size=16)
+    model = torch.nn.Sequential(torch.nn.EmbeddingBag(20, 8, sparse=True), torch.nn.Linear(8, 2))
+    before = model[0].weight.detach().clone()
+    res = train_model_advanced(model, loader, loader, torch.nn.CrossEntropyLoss(), epochs=2,
+                               verbose=False, device="cpu", gradient_clip=gradient_clip,
+                               optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    assert res["epochs_run"] == 2 and math.isfinite(res["best_val_loss"])
+    assert res["grad_stats"]["mean_norm"] > 0
+    assert not torch.equal(model[0].weight.detach(), before)
