@@ -117,3 +117,126 @@ def test_state_dict_round_trip():
 def test_rejects_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         GradientClipper(**kwargs)
+
+
+# ---- what clip() accepts: a module, a tensor, an iterable of tensors; anything else by class
+_RULE = (r"model_or_params must be a torch.nn.Module, a tensor, or an iterable of tensors "
+         r"\(e.g. model.parameters\(\)\)")
+
+
+def _named(m):
+    return m.named_parameters()
+
+
+@pytest.mark.parametrize(
+    "make_bad, match",
+    [
+        (lambda m: "abc", _RULE + ", got 'abc' of type str$"),
+        (lambda m: b"ab", _RULE + ", got b'ab' of type bytes$"),
+        (lambda m: 3, _RULE + ", got 3 of type int$"),
+        (lambda m: 1.5, _RULE + ", got 1.5 of type float$"),
+        (lambda m: None, _RULE + ", got None of type NoneType$"),
+        (lambda m: object(), _RULE + ", got <object object at .*> of type object$"),
+        (lambda m: {"w": m[0].weight}, _RULE + r", got \{'w': Parameter .* of type dict; "
+         r"pass its .values\(\)$"),
+        (lambda m: [1, 2], _RULE + ", but item 0 is 1 of type int$"),
+        (lambda m: [m[0].weight, "x"], _RULE + ", but item 1 is 'x' of type str$"),
+        (lambda m: [m[0].weight, None], _RULE + ", but item 1 is None of type NoneType$"),
+        (lambda m: [{"params": list(m.parameters())}], _RULE + ", but item 0 is .* of type dict$"),
+        (_named, _RULE + r", but item 0 is \('0.weight', .* of type tuple; "
+         r"pass model.parameters\(\), not named_parameters\(\)$"),
+        (lambda m: [m[0]], _RULE + ", but item 0 is Linear.* of type Linear$"),
+    ],
+    ids=["str", "bytes", "int", "float", "None", "object", "dict", "list_of_int",
+         "tensor_then_str", "tensor_then_None", "param_groups", "named_parameters",
+         "list_of_modules"],
+)
+def test_clip_rejects_bad_inputs_by_class(make_bad, match):
+    m = _model_with_grads()
+    before = [p.grad.clone() for p in m.parameters()]
+    c = GradientClipper(max_norm=1e-3)
+    with pytest.raises(TypeError, match=match):
+        c.clip(make_bad(m))
+    assert c.num_steps == 0  # nothing recorded
+    assert all(torch.equal(p.grad, g) for p, g in zip(m.parameters(), before))  # nor clipped
+
+
+@pytest.mark.parametrize("make_ok", [
+    lambda m: m, lambda m: m.parameters(), lambda m: list(m.parameters()),
+    lambda m: tuple(m.parameters()), lambda m: (p for p in m.parameters()),
+    lambda m: dict(m.named_parameters()).values(),
+], ids=["module", "generator", "list", "tuple", "genexpr", "dict_values"])
+def test_clip_accepts_every_documented_form(make_ok):
+    m, ref = _model_with_grads(), _model_with_grads()
+    want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    got = GradientClipper(0.5).clip(make_ok(m))
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
+    for p, q in zip(m.parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-12)
+
+
+# ---- sparse gradients (nn.Embedding(sparse=True)): torch's own norms refuse them
+def _sparse_model():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 3))
+    m(torch.tensor([1, 7, 1, 3])).pow(2).sum().backward()  # index 1 twice: uncoalesced
+    return m
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])
+def test_sparse_gradients_match_torch_on_the_dense_equivalent(norm_type, max_norm):
+    m, ref = _sparse_model(), _sparse_model()
+    assert m[0].weight.grad.is_sparse and not m[0].weight.grad.is_coalesced()
+    ref[0].weight.grad = ref[0].weight.grad.to_dense()
+    want = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm, norm_type)
+    c = GradientClipper(max_norm, norm_type)
+    for _ in range(2):  # the first call finds the sparse gradient, the second takes its path
+        m2 = _sparse_model()
+        got = c.clip(m2)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
+    assert m2[0].weight.grad.is_sparse  # clipped in place, still sparse
+    for p, q in zip(m2.parameters(), ref.parameters()):
+        assert torch.allclose(p.grad.to_dense(), q.grad, rtol=1e-6, atol=1e-12)
+    assert c.get_stats()["num_steps"] == 2
+
+
+def test_sparse_gradient_with_no_stored_values():
+    e = torch.nn.Embedding(5, 2, sparse=True)
+    e.weight.grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long),
+                                            torch.zeros(0, 2), (5, 2), check_invariants=True)
+    assert float(GradientClipper(1.0).clip(e)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "state, exc, match",
+    [
+        (None, TypeError, r"state must be a dict from GradientClipper.state_dict\(\), got NoneType"),
+        ([1], TypeError, "got list"),
+        ({"max_norm": 1.0}, ValueError, "state is missing norm_type, num_steps, stats"),
+        ({"max_norm": -1.0, "norm_type": 2.0, "num_steps": 0, "stats": None}, ValueError,
+         "max_norm must be > 0, got -1.0"),
+    ],
+)
+def test_load_state_dict_rejects_bad_state(state, exc, match):
+    with pytest.raises(exc, match=match):
+        GradientClipper().load_state_dict(state)
+
+
+@pytest.mark.parametrize("gradient_clip", [0.1, None])
+def test_train_model_advanced_trains_a_sparse_embedding_model(gradient_clip):
+    """The loop clips (or only measures) every step: sparse gradients used to stop it."""
+    from advanced_training_utils import train_model_advanced
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 20, (64, 3))
+    data = torch.utils.data.TensorDataset(x, x.sum(1) % 2)
+    loader = torch.utils.data.DataLoader(data, batch_size=16)
+    model = torch.nn.Sequential(torch.nn.EmbeddingBag(20, 8, sparse=True), torch.nn.Linear(8, 2))
+    before = model[0].weight.detach().clone()
+    res = train_model_advanced(model, loader, loader, torch.nn.CrossEntropyLoss(), epochs=2,
+                               verbose=False, device="cpu", gradient_clip=gradient_clip,
+                               optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    assert res["epochs_run"] == 2 and math.isfinite(res["best_val_loss"])
+    assert res["grad_stats"]["mean_norm"] > 0
+    assert not torch.equal(model[0].weight.detach(), before)

@@ -64,31 +64,135 @@ def test_warmup_matches_torch_sequential(kind):
     o1, o2 = _opt(), _opt()
     ours = LearningRateScheduler(o1, kind, warmup_steps=w, **kw)
     warm = tls.LinearLR(o2, start_factor=1 / (w + 1), end_factor=1.0, total_iters=w)
-    ref = tls.SequentialLR(o2, [warm, ref_factory(o2)], milestones=[w])
+    # cosine fits in the steps left after warmup: torch's cosine over T_max - w.
+    main = tls.CosineAnnealingLR(o2, T_max=30 - w) if kind == "cosine" else ref_factory(o2)
+    ref = tls.SequentialLR(o2, [warm, main], milestones=[w])
     assert o1.param_groups[0]["lr"] == pytest.approx(o2.param_groups[0]["lr"])
-    got = _run(ours, o1, N)
-    want = _run(ref, o2, N)
+    n = 30 if kind == "cosine" else N  # past T_max torch's cosine climbs back up
+    got = _run(ours, o1, n)
+    want = _run(ref, o2, n)
     assert _close(got, want, 1e-9)
 
 
-def test_warmup_onecycle_and_plateau_by_hand():
+# ---- the whole LR curve against closed-form formulas written here (not torch's schedulers)
+BASE = [0.1, 0.2]  # two param groups (see _opt)
+
+
+def _ramp(base, k, w):
+    """Linear warmup: base / (w + 1) at k=0 up to base at k=w."""
+    return base * (k + 1) / (w + 1)
+
+
+def _cos(start, end, pct):
+    return end + (start - end) * (1 + math.cos(math.pi * pct)) / 2
+
+
+def _ref_cosine(base, k, w, t_max=12, eta=0.01):
+    return _ramp(base, k, w) if k < w else _cos(base, eta, (k - w) / (t_max - w))
+
+
+def _ref_step(base, k, w, size=3, gamma=0.5):
+    return _ramp(base, k, w) if k < w else base * gamma ** ((k - w) // size)
+
+
+def _ref_exp(base, k, w, gamma=0.8):
+    return _ramp(base, k, w) if k < w else base * gamma ** (k - w)
+
+
+def _ref_onecycle(max_lr, k, w, total=40, div=25.0, final_div=1e4, linear=False):
+    anneal = (lambda a, b, pct: a + (b - a) * pct) if linear else _cos
+    initial = max_lr / div
+    final = initial / final_div
+    peak = w if w else 0.3 * total - 1  # the step at which the LR is max_lr
+    k = min(k, total - 1)  # past the horizon the final LR holds
+    if k <= peak:
+        return anneal(initial, max_lr, k / peak)
+    return anneal(max_lr, final, (k - peak) / (total - 1 - peak))
+
+
+def _ref_plateau(base, metrics, w, factor=0.5, patience=2, threshold=1e-4):
+    """ReduceLROnPlateau (mode min, relative threshold) by hand; warmup ignores the metric."""
+    lrs, lr, best, bad = [_ramp(base, 0, w) if w else base], base, math.inf, 0
+    for k, m in enumerate(metrics, start=1):
+        if k < w:
+            lrs.append(_ramp(base, k, w))
+            continue
+        if k > w:
+            if m < best * (1 - threshold):
+                best, bad = m, 0
+            else:
+                bad += 1
+            if bad > patience:
+                new = lr * factor
+                lr = new if lr - new > 1e-8 else lr
+                bad = 0
+        lrs.append(lr)
+    return lrs
+
+
+CURVES = {  # kind: (options, steps to run, reference of (base or max_lr, k, w))
+    "cosine": (dict(T_max=12, min_lr=0.01), 12, _ref_cosine),
+    "step": (dict(step_size=3, gamma=0.5), 20, _ref_step),
+    "exp": (dict(gamma=0.8), 20, _ref_exp),
+    "onecycle": (dict(max_lr=[1.0, 2.0], total_steps=40), 43, _ref_onecycle),
+    "onecycle_linear": (dict(max_lr=[1.0, 2.0], total_steps=40, anneal_strategy="linear",
+                             div_factor=10.0, final_div_factor=100.0), 43,
+                        lambda m, k, w: _ref_onecycle(m, k, w, div=10.0, final_div=100.0,
+                                                      linear=True)),
+}
+
+
+@pytest.mark.parametrize("w", [0, 1, 5])
+@pytest.mark.parametrize("kind", list(CURVES) + ["plateau"])
+def test_whole_curve_matches_hand_computation(kind, w):
+    o = _opt(groups=2)
+    metrics = [_metric(i) for i in range(45)]
+    if kind == "plateau":
+        s = LearningRateScheduler(o, kind, patience=2, factor=0.5, warmup_steps=w)
+        want = [_ref_plateau(b, metrics, w) for b in BASE]
+        steps = len(metrics)
+    else:
+        kw, steps, ref = CURVES[kind]
+        s = LearningRateScheduler(o, kind.split("_")[0], warmup_steps=w, **kw)
+        bases = kw.get("max_lr", BASE)
+        want = [[ref(b, k, w) for k in range(steps + 1)] for b in bases]
+    got = [[g["lr"] for g in o.param_groups]]
+    for i in range(steps):
+        o.step()
+        s.step(metrics[i])
+        got.append([g["lr"] for g in o.param_groups])
+    got = torch.tensor(got, dtype=torch.float64).T
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-15)
+    if kind == "plateau":
+        assert got[0].min() < BASE[0] / 4  # it did reduce
+    if kind == "cosine":  # exactly min_lr after T_max calls, warmup or not
+        assert got[:, 12].tolist() == [0.01, 0.01]
+    if kind.startswith("onecycle"):
+        div, fdiv = (10.0, 100.0) if kind == "onecycle_linear" else (25.0, 1e4)
+        final = [m / div / fdiv for m in (1.0, 2.0)]
+        held = torch.tensor([[final[0]] * 5, [final[1]] * 5], dtype=torch.float64)
+        if kind == "onecycle":  # the cosine anneal ends exactly on it
+            assert torch.equal(got[:, 39:], held)  # reached after total_steps - 1, then held
+        else:  # torch's linear form start + (end - start) * 1 rounds in the last bit
+            assert torch.allclose(got[:, 39:], held, rtol=1e-14, atol=0)
+        if w:  # one rise, to max_lr exactly after w calls, then one fall
+            assert got[0, w].item() == pytest.approx(1.0, rel=1e-12)
+            rise, fall = got[0, : w + 1], got[0, w:40]
+            assert (rise.diff() > 0).all() and (fall.diff() < 0).all()
+
+
+def test_warmup_onecycle_rises_once_and_plateau_by_hand():
+    # onecycle: warmup_steps is the length of its own rise (it used to add a second rise).
     w = 5
     o = _opt(lr=0.1)
     s = LearningRateScheduler(o, "onecycle", max_lr=1.0, total_steps=50, warmup_steps=w)
-    o_ref = _opt(lr=0.1)
-    ref = tls.OneCycleLR(o_ref, max_lr=1.0, total_steps=50)
-    start = o_ref.param_groups[0]["lr"]  # 1.0 / 25
     seq = [o.param_groups[0]["lr"]]
-    for _ in range(w + 10):
+    for _ in range(49):
         s.step()
         seq.append(o.param_groups[0]["lr"])
-    ramp = [start * (k + 1) / (w + 1) for k in range(w)] + [start]
-    assert seq[: w + 1] == pytest.approx(ramp)
-    ref_seq = [start]
-    for _ in range(10):
-        ref.step()
-        ref_seq.append(o_ref.param_groups[0]["lr"])
-    assert seq[w:] == pytest.approx(ref_seq)
+    assert seq[0] == pytest.approx(1.0 / 25)  # onecycle's own start, max_lr / div_factor
+    assert max(seq) == pytest.approx(1.0) and seq.index(max(seq)) == w
+    assert seq[-1] == pytest.approx(1.0 / 25 / 1e4, rel=1e-12)
 
     o = _opt(lr=0.1)
     s = LearningRateScheduler(o, "plateau", patience=0, factor=0.5, warmup_steps=3)
@@ -168,6 +272,20 @@ def test_plateau_requires_metric():
          "max_lr must be > 0, got -1.0"),
         (dict(scheduler_type="cosine", warmup_steps=-2), ValueError, "warmup_steps must be >= 0"),
         (dict(scheduler_type="cosine", interval="week"), ValueError, "interval must be one of"),
+        (dict(scheduler_type="cosine", T_max=5, warmup_steps=5), ValueError,
+         r"warmup_steps must be < T_max for scheduler_type='cosine' .*got warmup_steps=5, "
+         r"T_max=5; both count step\(\) calls \(interval 'epoch'\)"),
+        (dict(scheduler_type="onecycle", total_steps=10, warmup_steps=9), ValueError,
+         "warmup_steps must be <= total_steps - 2 = 8 for scheduler_type='onecycle'.*got 9"),
+        (dict(scheduler_type="onecycle", total_steps=10, warmup_steps=3, pct_start=0.4), ValueError,
+         "give pct_start or warmup_steps for scheduler_type='onecycle', not both "
+         r"\(got pct_start=0.4, warmup_steps=3\)"),
+        (dict(scheduler_type="onecycle", total_steps=10, warmup_steps=3, warmup_start_factor=0.5),
+         ValueError, "warmup_start_factor does not apply to scheduler_type='onecycle', got 0.5"),
+        (dict(scheduler_type="onecycle", total_steps=10, pct_start=1.0), ValueError,
+         r"pct_start must be in \(0, 1\), got 1.0"),
+        (dict(scheduler_type="onecycle", total_steps=10, max_lr=[1.0, 2.0]), ValueError,
+         r"max_lr must have one value per param group \(1\), got 2: \[1.0, 2.0\]"),
     ],
 )
 def test_rejects_bad_arguments(kwargs, exc, match):
@@ -194,3 +312,111 @@ def test_onecycle_holds_final_lr_past_horizon_and_keeps_saved_horizon(caplog):
     s2 = LearningRateScheduler(o2, "onecycle", total_steps=50)
     s2.load_state_dict(s.state_dict())
     assert s2.total_steps == 5 and "keeps its horizon of 5 steps" in caplog.text
+
+
+class _RecordingSGD(torch.optim.SGD):
+    """SGD that records the first group's LR at every optimizer step."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr, momentum=0.9)
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("w", [0, 1, 3])
+def test_train_model_advanced_gets_the_whole_curve(w):
+    """Through TrainConfig.scheduler_options: warmup counts epochs for cosine (T_max defaults to
+    epochs) and optimizer steps for onecycle (total = epochs * optimizer steps per epoch)."""
+    from _helpers import make_loaders, make_model
+    from advanced_training_utils import train_model_advanced
+
+    tl, vl = make_loaders(n=96, batch_size=16)  # 6 batches
+    ce = torch.nn.CrossEntropyLoss()
+    quiet = dict(verbose=False, device="cpu", recovery=False, gradient_clip=None)
+    opts = []
+    res = train_model_advanced(
+        make_model(1), tl, vl, ce, epochs=5, learning_rate=0.1, scheduler_type="cosine",
+        warmup_steps=w, optimizer=lambda p: opts.append(_RecordingSGD(p, 0.1)) or opts[-1],
+        **quiet)
+    # Epoch e trains with the LR after e - 1 epoch steps; the history holds the LR after e.
+    assert opts[0].seen == pytest.approx(
+        [_ref_cosine(0.1, e, w, t_max=5, eta=0.0) for e in range(5) for _ in range(6)], rel=1e-12)
+    assert [h["lr"] for h in res["history"]] == pytest.approx(
+        [_ref_cosine(0.1, e, w, t_max=5, eta=0.0) for e in range(1, 6)], rel=1e-12)
+    assert res["history"][-1]["lr"] == 0.0  # min_lr, exactly, at the end of the run
+
+    opts = []
+    res = train_model_advanced(
+        make_model(1), tl, vl, ce, epochs=3, learning_rate=0.1, scheduler_type="onecycle",
+        max_lr=0.5, accumulation_steps=2, warmup_steps=w,
+        optimizer=lambda p: opts.append(_RecordingSGD(p, 0.1)) or opts[-1], **quiet)
+    total = 3 * 3  # 6 batches / accumulation 2 = 3 optimizer steps per epoch
+    assert opts[0].seen == pytest.approx(
+        [_ref_onecycle(0.5, k, w, total=total) for k in range(total)], rel=1e-12)
+    assert res["history"][-1]["lr"] == 0.5 / 25 / 1e4  # its final LR, exactly
+
+
+def test_warmup_may_take_all_but_the_last_step():
+    o = _opt(lr=0.1)
+    s = LearningRateScheduler(o, "cosine", T_max=4, warmup_steps=3, min_lr=0.01)
+    lrs = []
+    for _ in range(4):
+        s.step()
+        lrs.append(o.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.05, 0.075, 0.1, 0.01]) and lrs[-1] == 0.01
+    o = _opt(lr=0.1)
+    s = LearningRateScheduler(o, "onecycle", max_lr=1.0, total_steps=5, warmup_steps=3)
+    lrs = [o.param_groups[0]["lr"]]
+    for _ in range(4):
+        s.step()
+        lrs.append(o.param_groups[0]["lr"])
+    assert lrs[3] == pytest.approx(1.0) and lrs[4] == 1.0 / 25 / 1e4
+
+
+_METRIC_RULE = "metric must be a real number or a one-element tensor"
+
+
+@pytest.mark.parametrize(
+    "metric, exc, match",
+    [
+        ("0.5", TypeError, f"{_METRIC_RULE}, got '0.5' of type str"),
+        ([0.5], TypeError, f"{_METRIC_RULE}, got \\[0.5\\] of type list"),
+        (True, TypeError, f"{_METRIC_RULE}, got True of type bool"),
+        (object(), TypeError, "of type object"),
+        (torch.tensor([0.5, 0.6]), ValueError, r"got a tensor of shape \(2,\)"),
+        (torch.zeros(0), ValueError, r"got a tensor of shape \(0,\)"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["plateau", "cosine", "onecycle"])
+def test_step_rejects_bad_metric_types(kind, metric, exc, match):
+    s = LearningRateScheduler(_opt(), kind, total_steps=10)
+    with pytest.raises(exc, match=match):
+        s.step(metric)
+    assert s.step_count == 0  # rejected before the schedule moved
+
+
+@pytest.mark.parametrize("metric", [0.5, 1, torch.tensor(0.5), torch.tensor([0.5])])
+def test_step_accepts_numbers_and_one_element_tensors(metric):
+    s = LearningRateScheduler(_opt(), "plateau")
+    s.step(metric)
+    assert s.step_count == 1
+
+
+@pytest.mark.parametrize(
+    "state, exc, match",
+    [
+        (None, TypeError,
+         "state must be a dict from LearningRateScheduler.state_dict\\(\\), got NoneType"),
+        ("abc", TypeError, "got str"),
+        ({"scheduler_type": "cosine"}, ValueError,
+         "state is missing step_count, warmup_steps, start_lrs, scheduler"),
+        ({**LearningRateScheduler(_opt(), "step").state_dict()}, ValueError,
+         "state_dict is for scheduler_type='step', this scheduler is 'cosine'"),
+    ],
+)
+def test_load_state_dict_rejects_bad_state(state, exc, match):
+    with pytest.raises(exc, match=match):
+        LearningRateScheduler(_opt(), "cosine").load_state_dict(state)

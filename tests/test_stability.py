@@ -104,3 +104,119 @@ def test_rejects_non_module():
 def test_model_without_parameters():
     s = TrainingStability.check_weights(torch.nn.ReLU())
     assert s["num_params"] == 0 and s["healthy"] is True and s["max_weight"] == 0.0
+
+
+# ---- NaN/Inf by class: one table for gradients and weights, exact counts and names
+NAN, INF = math.nan, math.inf
+CASES = [  # id, {param: values written at flat indices 0, 1, ...} or "all nan"/"all inf", nan, inf
+    ("finite", {}, [], []),
+    ("nan_only", {"0.weight": [NAN]}, ["0.weight"], []),
+    ("inf_only", {"2.bias": [INF]}, [], ["2.bias"]),
+    ("neg_inf_only", {"0.bias": [-INF]}, [], ["0.bias"]),
+    ("nan_then_inf", {"0.weight": [NAN, INF]}, ["0.weight"], ["0.weight"]),
+    ("inf_then_nan", {"0.weight": [INF, NAN]}, ["0.weight"], ["0.weight"]),
+    ("nan_and_neg_inf", {"2.weight": [-INF, NAN, INF]}, ["2.weight"], ["2.weight"]),
+    ("all_nan", {"2.weight": "all nan"}, ["2.weight"], []),
+    ("all_inf", {"0.bias": "all inf"}, [], ["0.bias"]),
+    ("two_params", {"0.weight": [NAN], "2.weight": [INF, NAN], "2.bias": [-INF]},
+     ["0.weight", "2.weight"], ["2.weight", "2.bias"]),
+]
+
+
+def _poison(m, kind, where):
+    for name, p in m.named_parameters():
+        if name not in where:
+            continue
+        t = p.grad if kind == "grad" else p.data
+        spec = where[name]
+        if isinstance(spec, str):
+            t.fill_(NAN if spec == "all nan" else INF)
+        else:
+            t.view(-1)[: len(spec)] = torch.tensor(spec)
+
+
+@pytest.mark.parametrize("kind", ["grad", "weight"])
+@pytest.mark.parametrize("case, where, nan, inf", CASES, ids=[c[0] for c in CASES])
+def test_nan_inf_table(kind, case, where, nan, inf):
+    m = _model()
+    _poison(m, kind, where)
+    check = TrainingStability.check_gradients if kind == "grad" else TrainingStability.check_weights
+    s = check(m)
+    assert s[f"nan_{kind}s"] == len(nan) and s[f"nan_{kind}_params"] == nan
+    assert s[f"inf_{kind}s"] == len(inf) and s[f"inf_{kind}_params"] == inf
+    assert s["healthy"] is (not nan and not inf) and s["num_params"] == 4
+    # The other statistics are those of the finite parameters, by hand.
+    good = [(p.grad if kind == "grad" else p).detach() for n, p in m.named_parameters()
+            if n not in set(nan) | set(inf)]
+    flat = torch.cat([t.flatten() for t in good]).double()
+    assert s[f"max_{kind}"] == pytest.approx(flat.abs().max().item(), rel=1e-6)
+    assert s[f"mean_{kind}"] == pytest.approx(flat.pow(2).mean().sqrt().item(), rel=1e-5)
+    assert s[f"min_{kind}"] == pytest.approx(
+        min(t.double().pow(2).mean().sqrt().item() for t in good), rel=1e-5)
+    if nan or inf:
+        assert math.isnan(s["total_norm"])
+    else:
+        assert s["total_norm"] == pytest.approx(flat.norm().item(), rel=1e-6)
+
+
+def test_none_gradients_are_listed_not_counted():
+    m = _model()
+    m[0].weight.grad = None
+    m[2].bias.grad = None
+    m[2].weight.grad.view(-1)[:2] = torch.tensor([NAN, INF])
+    s = TrainingStability.check_gradients(m)
+    assert s["no_grad_params"] == ["0.weight", "2.bias"] and s["num_params"] == 2
+    assert s["nan_grad_params"] == ["2.weight"] and s["inf_grad_params"] == ["2.weight"]
+    assert s["max_grad"] == pytest.approx(m[0].bias.grad.abs().max().item(), rel=1e-6)
+
+
+def _sparse_model():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Embedding(6, 3, sparse=True), torch.nn.Linear(3, 2))
+    m(torch.tensor([1, 4, 1, 2])).pow(2).sum().backward()  # index 1 twice: uncoalesced
+    return m
+
+
+@pytest.mark.parametrize(
+    "values, nan, inf",
+    [([], [], []), ([NAN], ["0.weight"], []), ([INF], [], ["0.weight"]),
+     ([NAN, -INF], ["0.weight"], ["0.weight"])],
+)
+def test_sparse_gradients(values, nan, inf):
+    m = _sparse_model()
+    g = m[0].weight.grad
+    assert g.is_sparse and not g.is_coalesced()
+    g._values().view(-1)[: len(values)] = torch.tensor(values)
+    s = TrainingStability.check_gradients(m)
+    m[0].weight.grad = g.to_dense()  # the same gradient, dense: the reference
+    ref = TrainingStability.check_gradients(m)
+    assert s["nan_grad_params"] == nan and s["inf_grad_params"] == inf
+    for key in ("max_grad", "min_grad", "mean_grad", "total_norm", "nan_grads", "inf_grads"):
+        assert s[key] == pytest.approx(ref[key], rel=1e-6, nan_ok=True), key
+
+
+@pytest.mark.parametrize(
+    "value, nan, inf",
+    [(complex(1, 2), [], []), (complex(NAN, 0), ["c"], []), (complex(0, INF), [], ["c"]),
+     (complex(INF, NAN), ["c"], ["c"])],
+)
+def test_complex_parameters(value, nan, inf):
+    m = torch.nn.Module()
+    m.c = torch.nn.Parameter(torch.tensor([complex(3, -4), complex(0, 0)]))
+    m.c.grad = torch.tensor([value, complex(0, 0)])
+    for kind, check in (("grad", TrainingStability.check_gradients),
+                        ("weight", TrainingStability.check_weights)):
+        with torch.no_grad():
+            m.c[0] = value
+        s = check(m)
+        assert s[f"nan_{kind}_params"] == nan and s[f"inf_{kind}_params"] == inf, kind
+        if not nan and not inf:
+            assert s["total_norm"] == pytest.approx(math.sqrt(1 + 4), rel=1e-6)
+            assert s[f"max_{kind}"] == 2.0  # largest real or imaginary part
+
+
+def test_meta_parameters_are_refused():
+    m = torch.nn.Linear(2, 2, device="meta")
+    with pytest.raises(ValueError, match="weights on the meta device have no values to check: "
+                       "weight, bias"):
+        TrainingStability.check_weights(m)

@@ -12,7 +12,7 @@ Under mixed precision, call the scaler's ``unscale_`` first so the norm is the t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -26,15 +26,40 @@ _FOLD = 4096  # pending per-step norms reduced into the running statistics at mo
 _Params = torch.nn.Module | torch.Tensor | Iterable[torch.Tensor]
 
 
+_ACCEPTS = "a torch.nn.Module, a tensor, or an iterable of tensors (e.g. model.parameters())"
+
+
 def grads_of(model_or_params: _Params) -> list[torch.Tensor]:
-    """The existing ``.grad`` tensors of a module's parameters or of an iterable of tensors."""
+    """The existing ``.grad`` tensors of a module's parameters or of an iterable of tensors.
+
+    Raises:
+        TypeError: ``model_or_params`` is none of a module, a tensor or an iterable of tensors
+            (a string or a mapping is not taken as an iterable), naming the bad item's type.
+    """
     if isinstance(model_or_params, torch.nn.Module):
-        params: Iterable[torch.Tensor] = model_or_params.parameters()
-    elif isinstance(model_or_params, torch.Tensor):
-        params = [model_or_params]
-    else:
-        params = model_or_params
-    return [p.grad for p in params if p.grad is not None]
+        return [p.grad for p in model_or_params.parameters() if p.grad is not None]
+    if isinstance(model_or_params, torch.Tensor):
+        return [model_or_params.grad] if model_or_params.grad is not None else []
+    if isinstance(model_or_params, (str, bytes, Mapping)) or not isinstance(
+            model_or_params, Iterable):
+        hint = "; pass its .values()" if isinstance(model_or_params, Mapping) else ""
+        raise TypeError(f"model_or_params must be {_ACCEPTS}, got "
+                        f"{_show(model_or_params)} of type {type(model_or_params).__name__}{hint}")
+    grads = []
+    for i, p in enumerate(model_or_params):
+        if not isinstance(p, torch.Tensor):
+            hint = ("; pass model.parameters(), not named_parameters()"
+                    if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) else "")
+            raise TypeError(f"model_or_params must be {_ACCEPTS}, but item {i} is {_show(p)} of "
+                            f"type {type(p).__name__}{hint}")
+        if p.grad is not None:
+            grads.append(p.grad)
+    return grads
+
+
+def _show(value: Any) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
@@ -42,6 +67,14 @@ def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
         return torch.nn.utils.get_total_norm(grads, norm_type)
     norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
     return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), norm_type)
+
+
+def _stored_values(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Dense stand-ins with the same p-norm: a sparse tensor's coalesced values (its implicit
+    zeros add nothing to a norm); empty ones dropped."""
+    out = [g.coalesce().values() if g.layout == torch.sparse_coo
+           else g if g.layout == torch.strided else g.to_dense() for g in grads]
+    return [v for v in out if v.numel()]
 
 
 class GradientClipper:
@@ -66,6 +99,7 @@ class GradientClipper:
                                    allow_inf=True)
         self.norm_type = check_real("norm_type", norm_type, low=0.0, low_inclusive=False,
                                     allow_inf=True)
+        self._sparse = False  # set once a sparse gradient was seen (see _norm)
         self.reset()
 
     def reset(self) -> None:
@@ -79,17 +113,22 @@ class GradientClipper:
         """Clip the gradients in place; return the total norm before clipping.
 
         Args:
-            model_or_params: a module, a tensor, or an iterable of tensors whose ``.grad`` is used.
+            model_or_params: a module, a tensor, or an iterable of tensors whose ``.grad`` is used
+                (dense or sparse, e.g. from ``nn.Embedding(sparse=True)``).
 
         Returns:
             0-dim float tensor on the gradients' device (0.0 when no gradient exists). A NaN/Inf
             norm leaves the gradients unchanged and sets ``last_finite`` to a False tensor.
+
+        Raises:
+            TypeError: ``model_or_params`` is not one of those (e.g. a string, a number, None,
+                a dict, or an iterable holding something other than tensors).
         """
         grads = grads_of(model_or_params)
         if not grads:
             norm = torch.zeros(())
         else:
-            norm = _total_norm(grads, self.norm_type)
+            norm = self._norm(grads)
             finite = torch.isfinite(norm)
             if self.max_norm != math.inf:
                 # A NaN/Inf norm becomes 0 here, so the clip coefficient is 1: gradients untouched.
@@ -98,6 +137,22 @@ class GradientClipper:
                 torch._foreach_mul_(grads, coef.to(grads[0].device))
         self._record(norm)
         return norm
+
+    def _norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The total norm; sparse gradients (torch's norms refuse them) through their values.
+        The sparse path is taken from the first sparse gradient on, so a dense model pays
+        nothing for it."""
+        if not self._sparse:
+            try:
+                return _total_norm(grads, self.norm_type)
+            except NotImplementedError:
+                if all(g.layout == torch.strided for g in grads):
+                    raise
+                self._sparse = True
+        values = _stored_values(grads)
+        if not values:
+            return torch.zeros((), dtype=grads[0].dtype, device=grads[0].device)
+        return _total_norm(values, self.norm_type)
 
     def _record(self, norm: torch.Tensor) -> None:
         # Per step only a reference is kept (no kernel launched); statistics are reduced in one
@@ -179,7 +234,20 @@ class GradientClipper:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; statistics move to the device on the next ``clip``."""
+        """Restore from :meth:`state_dict`; statistics move to the device on the next ``clip``.
+
+        Raises:
+            TypeError / ValueError: ``state`` is not such a dict, or holds bad settings.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict from GradientClipper.state_dict(), got "
+                            f"{type(state).__name__}")
+        missing = [k for k in ("max_norm", "norm_type", "num_steps", "stats") if k not in state]
+        if missing:
+            raise ValueError(f"state is missing {', '.join(missing)}: pass the dict returned by "
+                             "GradientClipper.state_dict()")
+        check_real("max_norm", state["max_norm"], low=0.0, low_inclusive=False, allow_inf=True)
+        check_real("norm_type", state["norm_type"], low=0.0, low_inclusive=False, allow_inf=True)
         self.max_norm = float(state["max_norm"])
         self.norm_type = float(state["norm_type"])
         self.num_steps = int(state["num_steps"])

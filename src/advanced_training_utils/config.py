@@ -44,7 +44,9 @@ class TrainConfig:
     step_size: int = 10
     min_lr: float = 0.0
     max_lr: float | None = None
-    pct_start: float = 0.3
+    pct_start: float | None = None  # onecycle's rise fraction; None: 0.3, or warmup_steps sets it
+    # Counted in scheduler steps: epochs for plateau/cosine/step/exp, optimizer steps for onecycle
+    # (see scheduler.py for how the warmup composes with each type).
     warmup_steps: int = 0
     # clipping / precision
     gradient_clip: float | None = 1.0

@@ -22,15 +22,26 @@ The ``step`` type's decay: the guide lists ``factor`` for plateau/step and ``gam
 The rule here is: ``step`` multiplies the LR by ``gamma`` when ``gamma`` is given, else by
 ``factor`` when ``factor`` is given, else by 0.5.
 
-Warmup: with ``warmup_steps=W > 0`` the first ``W`` calls to ``step()`` ramp every group's LR
-linearly from ``lr * warmup_start_factor`` (default ``1 / (W + 1)``) up to the LR the main schedule
-starts from, which is reached at call ``W``; from then on the main schedule runs exactly as it
-would have without warmup. Warmup counts in the scheduler's own interval (epochs for the epoch
-types, batches for ``onecycle``). During warmup, ``plateau`` ignores the metric.
+Warmup: ``warmup_steps=W`` counts calls to ``step()``, i.e. the scheduler's own interval: epochs
+for the epoch types, optimizer steps for ``onecycle`` (``train_model_advanced`` steps the epoch
+types once per epoch and ``onecycle`` once per optimizer step, never on a skipped step). How the
+warmup composes with each type:
 
-``onecycle`` past its ``total_steps`` holds its final LR instead of raising (torch raises);
-a resumed onecycle schedule keeps the horizon it was saved with (a warning says so when the
-new run asked for another).
+* ``cosine`` (a horizon of ``T_max`` steps): the first ``W`` calls ramp every group's LR linearly
+  from ``lr * warmup_start_factor`` (default ``1 / (W + 1)``) to ``lr``, reached at call ``W``;
+  the cosine then runs over the remaining ``T_max - W`` calls, so after call ``T_max`` the LR is
+  exactly ``min_lr``, as without warmup (the cosine is compressed, not cut). Needs ``W < T_max``.
+* ``onecycle`` (a horizon of ``total_steps``): it has its own warmup, the rise from
+  ``max_lr / div_factor`` to ``max_lr``. ``warmup_steps=W`` sets the length of that rise instead
+  of ``pct_start`` (so the LR warms up once): the LR peaks at ``max_lr`` after exactly ``W``
+  calls, keeping onecycle's rise shape (``anneal_strategy``) and start LR (``div_factor``), then
+  anneals over the remaining ``total_steps - 1 - W`` calls to ``max_lr / (div_factor *
+  final_div_factor)``, as without warmup. Needs ``W <= total_steps - 2``; giving ``pct_start``
+  or ``warmup_start_factor`` as well is an error (``pct_start`` defaults to 0.3 without warmup).
+* ``step``, ``exp`` and ``plateau`` (no horizon): the linear ramp as for ``cosine``, then the
+  schedule starts from ``lr`` and runs exactly as it would have without warmup, shifted by ``W``
+  calls (as torch's ``SequentialLR`` does: ``step``'s milestones count from the end of warmup).
+  During warmup, ``plateau`` ignores the metric.
 
 Counts are explicit: ``step_count`` is the number of ``step()`` calls so far and is saved by
 ``state_dict()``.
@@ -40,6 +51,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
+from numbers import Real
 from typing import Any
 
 import torch
@@ -54,6 +67,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULER_TYPES = ("plateau", "cosine", "step", "exp", "onecycle")
 _INTERVALS = ("epoch", "batch")
+_STATE_KEYS = ("scheduler_type", "step_count", "warmup_steps", "start_lrs", "scheduler")
 _DEFAULT_INTERVAL = {"plateau": "epoch", "cosine": "epoch", "step": "epoch", "exp": "epoch",
                      "onecycle": "batch"}
 
@@ -71,14 +85,20 @@ class LearningRateScheduler:
         step_size: ``step`` period.
         max_lr, total_steps, epochs, steps_per_epoch, pct_start, anneal_strategy, div_factor,
             final_div_factor: ``onecycle`` options; give ``total_steps`` or both ``epochs`` and
-            ``steps_per_epoch``.
-        warmup_steps: number of ``step()`` calls of linear warmup (0: none).
-        warmup_start_factor: LR multiplier at the first warmup step, in (0, 1].
+            ``steps_per_epoch``. ``pct_start`` (default 0.3) is the fraction of the steps spent
+            rising; with ``warmup_steps`` the rise lasts exactly ``warmup_steps`` steps instead.
+        warmup_steps: number of ``step()`` calls of warmup (0: none); see the module docstring
+            for how it composes with each type (the schedule still ends where it would without
+            warmup).
+        warmup_start_factor: LR multiplier at the first warmup step, in (0, 1] (not for
+            ``onecycle``, whose rise starts at ``max_lr / div_factor``).
         interval: ``'epoch'`` or ``'batch'``: when the training loop should call ``step()``.
             Defaults per type (``'batch'`` for onecycle, ``'epoch'`` otherwise).
 
     Raises:
-        ValueError / TypeError: for an unknown type or an option out of range.
+        ValueError / TypeError: for an unknown type, an option out of range, or a warmup that
+            leaves no step for the schedule (``cosine``: ``warmup_steps >= T_max``;
+            ``onecycle``: ``warmup_steps > total_steps - 2``).
 
     Example:
         >>> model = torch.nn.Linear(2, 1)
@@ -108,7 +128,7 @@ class LearningRateScheduler:
         total_steps: int | None = None,
         epochs: int | None = None,
         steps_per_epoch: int | None = None,
-        pct_start: float = 0.3,
+        pct_start: float | None = None,
         anneal_strategy: str = "cos",
         div_factor: float = 25.0,
         final_div_factor: float = 1e4,
@@ -125,6 +145,13 @@ class LearningRateScheduler:
         self.scheduler_type = check_choice("scheduler_type", scheduler_type.lower(), SCHEDULER_TYPES)
         self.optimizer = optimizer
         self.warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
+        if self.scheduler_type == "onecycle" and self.warmup_steps and (
+                warmup_start_factor is not None):
+            raise ValueError(
+                f"warmup_start_factor does not apply to scheduler_type='onecycle', got "
+                f"{warmup_start_factor!r}: its warmup starts at max_lr / div_factor; "
+                "set div_factor"
+            )
         if warmup_start_factor is None:
             warmup_start_factor = 1.0 / (self.warmup_steps + 1)
         self.warmup_start_factor = check_real(
@@ -143,7 +170,7 @@ class LearningRateScheduler:
         )
         # The LR each group starts the main schedule from (after the torch scheduler's own setup).
         self._start_lrs = [float(g["lr"]) for g in optimizer.param_groups]
-        if self.warmup_steps:
+        if self._ramp_steps:
             self._set_lrs(self._warmup_lrs(0))
 
     # ------------------------------------------------------------------ construction
@@ -164,9 +191,17 @@ class LearningRateScheduler:
                 threshold=o["threshold"], cooldown=o["cooldown"], min_lr=o["min_lr"],
             )
         if t == "cosine":
-            check_int("T_max", o["T_max"], low=1)
+            t_max = check_int("T_max", o["T_max"], low=1)
             check_real("min_lr", o["min_lr"], low=0.0)
-            return tls.CosineAnnealingLR(opt, T_max=o["T_max"], eta_min=o["min_lr"])
+            if self.warmup_steps >= t_max:
+                raise ValueError(
+                    f"warmup_steps must be < T_max for scheduler_type='cosine' (the cosine needs "
+                    f"a step after warmup), got warmup_steps={self.warmup_steps}, T_max={t_max}; "
+                    f"both count step() calls (interval {self.interval!r})"
+                )
+            # The warmup takes the first W steps of the horizon: the cosine fits in the rest.
+            return tls.CosineAnnealingLR(opt, T_max=t_max - self.warmup_steps,
+                                         eta_min=o["min_lr"])
         if t == "step":
             gamma = o["gamma"] if o["gamma"] is not None else o["factor"]
             gamma = 0.5 if gamma is None else gamma
@@ -177,13 +212,19 @@ class LearningRateScheduler:
             gamma = 0.95 if o["gamma"] is None else o["gamma"]
             check_real("gamma", gamma, low=0.0, high=1.0, low_inclusive=False)
             return tls.ExponentialLR(opt, gamma=gamma)
-        # onecycle
+        return self._build_onecycle(o)
+
+    def _build_onecycle(self, o: dict[str, Any]) -> tls.OneCycleLR:
+        opt = self.optimizer
         max_lr = o["max_lr"]
         if max_lr is None:
             max_lr = [float(g["lr"]) for g in opt.param_groups]
         for i, m in enumerate(max_lr if isinstance(max_lr, (list, tuple)) else [max_lr]):
             check_real(f"max_lr[{i}]" if isinstance(max_lr, (list, tuple)) else "max_lr", m,
                        low=0.0, low_inclusive=False)
+        if isinstance(max_lr, (list, tuple)) and len(max_lr) != len(opt.param_groups):
+            raise ValueError(f"max_lr must have one value per param group "
+                             f"({len(opt.param_groups)}), got {len(max_lr)}: {list(max_lr)!r}")
         total = o["total_steps"]
         if total is None:
             if o["epochs"] is None or o["steps_per_epoch"] is None:
@@ -196,19 +237,44 @@ class LearningRateScheduler:
                 "steps_per_epoch", o["steps_per_epoch"], low=1
             )
         check_int("total_steps", total, low=1)
-        check_real("pct_start", o["pct_start"], low=0.0, high=1.0, low_inclusive=False,
-                   high_inclusive=False)
+        pct_start = self._onecycle_pct_start(o["pct_start"], total)
         check_choice("anneal_strategy", o["anneal_strategy"], ("cos", "linear"))
         check_real("div_factor", o["div_factor"], low=0.0, low_inclusive=False)
         check_real("final_div_factor", o["final_div_factor"], low=0.0, low_inclusive=False)
         self.total_steps = total
         return tls.OneCycleLR(
-            opt, max_lr=max_lr, total_steps=total, pct_start=o["pct_start"],
+            opt, max_lr=max_lr, total_steps=total, pct_start=pct_start,
             anneal_strategy=o["anneal_strategy"], div_factor=o["div_factor"],
             final_div_factor=o["final_div_factor"],
         )
 
+    def _onecycle_pct_start(self, pct_start: float | None, total: int) -> float:
+        """``pct_start``, or the one that makes onecycle's rise last exactly ``warmup_steps``."""
+        w = self.warmup_steps
+        if not w:
+            pct_start = 0.3 if pct_start is None else pct_start
+            return check_real("pct_start", pct_start, low=0.0, high=1.0, low_inclusive=False,
+                              high_inclusive=False)
+        if pct_start is not None:
+            raise ValueError(
+                f"give pct_start or warmup_steps for scheduler_type='onecycle', not both (got "
+                f"pct_start={pct_start!r}, warmup_steps={w}): warmup_steps is the length of "
+                "onecycle's rise"
+            )
+        if w > total - 2:
+            raise ValueError(
+                f"warmup_steps must be <= total_steps - 2 = {total - 2} for "
+                f"scheduler_type='onecycle' (the anneal needs a step after the rise), got {w}"
+            )
+        # torch ends the rise at step pct_start * total - 1: make that step W (the peak).
+        return (w + 1) / total
+
     # ------------------------------------------------------------------ stepping
+    @property
+    def _ramp_steps(self) -> int:
+        """Steps of the linear ramp done here (onecycle warms up inside its own schedule)."""
+        return 0 if self.scheduler_type == "onecycle" else self.warmup_steps
+
     def _warmup_lrs(self, k: int) -> list[float]:
         s = self.warmup_start_factor
         frac = s + (1.0 - s) * k / self.warmup_steps
@@ -232,12 +298,17 @@ class LearningRateScheduler:
         """Advance the schedule by one interval.
 
         Args:
-            metric: the monitored value (e.g. validation loss); required by ``plateau`` after
-                warmup, ignored by the other types. A 0-dim tensor is read on the host here.
+            metric: the monitored value (e.g. validation loss): a real number or a one-element
+                tensor; required by ``plateau`` after warmup, ignored by the other types. A
+                tensor is read on the host only by ``plateau``.
 
         Raises:
-            ValueError: ``plateau`` called without a metric, or with a non-finite one.
+            TypeError: ``metric`` is neither a real number nor a tensor.
+            ValueError: ``metric`` is a tensor with other than one element; ``plateau`` called
+                without a metric, or with a non-finite one.
         """
+        if metric is not None:
+            _check_metric(metric)
         if self.is_plateau and not self.in_warmup or self.is_plateau and metric is not None:
             if metric is None:
                 raise ValueError(
@@ -248,9 +319,9 @@ class LearningRateScheduler:
                 raise ValueError(f"metric must be finite for scheduler_type='plateau', got {value}")
             metric = value
         self.step_count += 1
-        if self.step_count < self.warmup_steps:
+        if self.step_count < self._ramp_steps:
             self._set_lrs(self._warmup_lrs(self.step_count))
-        elif self.step_count == self.warmup_steps:
+        elif self.step_count == self._ramp_steps:
             self._set_lrs(self._start_lrs)
         elif self.is_plateau:
             self.scheduler.step(metric)
@@ -297,6 +368,13 @@ class LearningRateScheduler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`. Restore the optimizer's own state as well, since the
         current LRs live in its param groups."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict from LearningRateScheduler.state_dict(), got "
+                            f"{type(state).__name__}")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"state is missing {', '.join(missing)}: pass the dict returned by "
+                             "LearningRateScheduler.state_dict()")
         if state.get("scheduler_type") != self.scheduler_type:
             raise ValueError(
                 f"state_dict is for scheduler_type={state.get('scheduler_type')!r}, "
@@ -317,3 +395,14 @@ class LearningRateScheduler:
     def __repr__(self) -> str:
         return (f"LearningRateScheduler(type={self.scheduler_type!r}, interval={self.interval!r}, "
                 f"warmup_steps={self.warmup_steps}, step_count={self.step_count})")
+
+
+def _check_metric(metric: Any) -> None:
+    """Reject a metric that ``float()`` would fail on deep inside (no host read here)."""
+    if isinstance(metric, torch.Tensor):
+        if metric.numel() != 1:
+            raise ValueError("metric must be a real number or a one-element tensor, got a "
+                             f"tensor of shape {tuple(metric.shape)}")
+    elif isinstance(metric, bool) or not isinstance(metric, Real):
+        raise TypeError(f"metric must be a real number or a one-element tensor, got {metric!r} "
+                        f"of type {type(metric).__name__}")

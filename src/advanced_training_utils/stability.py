@@ -3,13 +3,21 @@
 Each check makes two fast passes over every parameter: torch's ``_foreach_norm`` (the L2 norm,
 as ``clip_grad_norm_`` does) and ``aminmax`` (its smallest and largest element). A tensor holding
 NaN has a NaN norm and NaN extremes, one holding Inf an infinite extreme: that is how offending
-parameters are found without elementwise scans. Everything is read in one host transfer (plus
-one per tensor so large that its float32 L2 norm overflows).
+parameters are found without elementwise scans. A NaN hides an Inf in the same tensor, so the
+tensors found holding NaN (only those) are also scanned for Inf. Everything is read in one host
+transfer on a healthy model (plus one for the tensors holding NaN, and one per tensor so large
+that its float32 L2 norm overflows).
 
-Counts such as ``nan_grads`` are numbers of *parameters* (tensors) holding at least one NaN; the
-names are in ``nan_grad_params``. Over the finite parameters: ``max_*`` is the largest absolute
-element, ``mean_*`` the root-mean-square of all elements, ``min_*`` the smallest per-parameter
-root-mean-square (a dead or vanishing layer shows up there).
+Counts such as ``nan_grads`` are numbers of *parameters* (tensors) holding at least one NaN, and
+``inf_grads`` those holding at least one +-Inf; a tensor holding both counts in both. The names
+are in ``nan_grad_params`` / ``inf_grad_params``. Over the finite parameters: ``max_*`` is the
+largest absolute element, ``mean_*`` the root-mean-square of all elements, ``min_*`` the smallest
+per-parameter root-mean-square (a dead or vanishing layer shows up there).
+
+Sparse tensors (``nn.Embedding(sparse=True)`` gradients) are checked through their stored values
+(the implicit zeros count in the root-mean-squares); complex tensors through their real and
+imaginary parts; integer tensors as float64. Parameters on the ``meta`` device have no values:
+``ValueError``.
 """
 
 from __future__ import annotations
@@ -43,8 +51,34 @@ def _norm_table(tensors: list[torch.Tensor]) -> list[list[float]]:
     return rows
 
 
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's elements as a dense real float tensor that the two passes accept."""
+    if t.layout == torch.sparse_coo:
+        t = t.coalesce().values()  # duplicates summed; implicit zeros change no extreme
+    elif t.layout != torch.strided:
+        t = t.to_dense()
+    if t.is_complex():
+        t = torch.view_as_real(t.resolve_conj())  # (..., 2): NaN/Inf in either part shows
+    elif not t.is_floating_point():
+        t = t.double()
+    return t
+
+
+def _has_inf(tensors: list[torch.Tensor]) -> list[bool]:
+    """Whether each tensor holds +-Inf, by an elementwise scan (one host transfer)."""
+    if not tensors:
+        return []
+    dev = tensors[0].device
+    return torch.stack([torch.isinf(t).any().to(dev) for t in tensors]).tolist()
+
+
 def _summarise(named: list[tuple[str, torch.Tensor]], kind: str) -> dict[str, Any]:
-    tensors = [t.detach() for _, t in named]
+    meta = [n for n, t in named if t.is_meta]
+    if meta:
+        raise ValueError(f"{kind}s on the meta device have no values to check: "
+                         f"{', '.join(meta)}; materialise the model first (e.g. to_empty() "
+                         "and initialise it)")
+    tensors = [_values(t.detach()) for _, t in named]
     rows = _norm_table(tensors)
     table = []
     for t, (l2, lo, hi) in zip(tensors, rows):
@@ -52,14 +86,16 @@ def _summarise(named: list[tuple[str, torch.Tensor]], kind: str) -> dict[str, An
         if math.isinf(l2) and math.isfinite(max_abs):
             # A huge finite tensor overflows its float32 L2 norm: recompute it in float64.
             l2 = float(torch.linalg.vector_norm(t.double()))
-        table.append((l2, max_abs, t.numel()))
-    # NaN anywhere makes the L2 norm and min/max NaN; +-Inf makes max |x| Inf.
-    nan_names = [n for (n, _), (l2, mx, _k) in zip(named, table)
-                 if math.isnan(l2) or math.isnan(mx)]
-    bad = set(nan_names)
-    inf_names = [n for (n, _), (_l2, mx, _k) in zip(named, table) if n not in bad and math.isinf(mx)]
-    bad |= set(inf_names)
-    ok = [(l2, mx, k) for (n, _), (l2, mx, k) in zip(named, table) if n not in bad]
+        table.append((l2, max_abs))
+    # NaN anywhere makes the L2 norm and min/max NaN, which hides an Inf beside it: only the
+    # tensors holding NaN are scanned for Inf. Without NaN, +-Inf makes max |x| Inf.
+    has_nan = [math.isnan(l2) or math.isnan(mx) for l2, mx in table]
+    scanned = iter(_has_inf([t for t, nan in zip(tensors, has_nan) if nan]))
+    has_inf = [next(scanned) if nan else math.isinf(mx) for nan, (_l2, mx) in zip(has_nan, table)]
+    nan_names = [n for (n, _), bad in zip(named, has_nan) if bad]
+    inf_names = [n for (n, _), bad in zip(named, has_inf) if bad]
+    ok = [(l2, mx, t.numel()) for (_n, t), (l2, mx), nan, inf
+          in zip(named, table, has_nan, has_inf) if not (nan or inf)]
     rms = [l2 / math.sqrt(k) for l2, _mx, k in ok if k]
     numel = sum(k for *_, k in ok)
     return {
@@ -87,10 +123,11 @@ class TrainingStability:
         Returns:
             ``max_grad``, ``min_grad``, ``mean_grad`` (absolute element values over parameters
             with finite gradients), ``total_norm`` (L2 over all gradients; NaN when any is
-            non-finite), ``nan_grads``/``inf_grads`` (how many parameters hold NaN/Inf gradients)
-            and their names in ``nan_grad_params``/``inf_grad_params``, ``no_grad_params``
-            (trainable parameters whose ``.grad`` is None), ``num_params`` (parameters with a
-            gradient) and ``healthy`` (no NaN/Inf gradient).
+            non-finite), ``nan_grads``/``inf_grads`` (how many parameters hold NaN / +-Inf
+            gradients; a gradient holding both counts in both) and their names in
+            ``nan_grad_params``/``inf_grad_params``, ``no_grad_params`` (trainable parameters
+            whose ``.grad`` is None), ``num_params`` (parameters with a gradient) and
+            ``healthy`` (no NaN/Inf gradient).
         """
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -109,7 +146,8 @@ class TrainingStability:
 
         Returns:
             ``max_weight``, ``min_weight``, ``mean_weight`` (absolute element values over finite
-            parameters), ``total_norm``, ``nan_weights``/``inf_weights`` (counts of parameters),
+            parameters), ``total_norm``, ``nan_weights``/``inf_weights`` (counts of parameters
+            holding NaN / +-Inf; both counts for one holding both),
             ``nan_weight_params``/``inf_weight_params`` (names), ``num_params``, ``healthy``.
         """
         if not isinstance(model, torch.nn.Module):
