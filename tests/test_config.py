@@ -51,6 +51,9 @@ def test_bad_options_are_refused_at_construction(options, exc, message):
     dict(factor=0.1), dict(scheduler_type="step", gamma=1.0),
     dict(scheduler_type="cosine", factor=5),  # factor is the plateau scheduler's option
     dict(scheduler_type="onecycle", max_lr=0.1, pct_start=0.5),
+    # the batches per epoch are unknown here: a long onecycle warmup is the run's to check
+    dict(scheduler_type="onecycle", warmup_steps=50, epochs=2),
+    dict(scheduler_type="cosine", warmup_steps=4, epochs=5),
     dict(metrics=["accuracy", lambda out, y: (out - out).sum()]),
     dict(augment="audio", augment_options={"policy": "LB", "noise_level": 0.0}),
     dict(augment="notes", augment_options={"max_transpose": 12}),

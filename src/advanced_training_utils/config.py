@@ -161,7 +161,8 @@ class TrainConfig:
     def _check_scheduler(self) -> None:
         """Build the scheduler once on a throwaway optimizer, so that its own checks of
         ``factor``, ``gamma``, ``min_lr``, ``max_lr``, ``pct_start``... run now, before any data
-        is loaded (one set of rules: the scheduler's)."""
+        is loaded (one set of rules: the scheduler's). The number of batches is not known yet:
+        the check assumes enough of them for any warmup, and the run checks the real horizon."""
         import torch
 
         from .scheduler import LearningRateScheduler
@@ -170,7 +171,8 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 check_real(name, getattr(self, name))
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.learning_rate)
-        LearningRateScheduler(opt, self.scheduler_type, **self.scheduler_options(1))
+        steps_per_epoch = self.warmup_steps + 2  # onecycle: room for warmup + 1 annealing step
+        LearningRateScheduler(opt, self.scheduler_type, **self.scheduler_options(steps_per_epoch))
 
     def _check_metrics(self) -> None:
         """Resolve ``metrics`` once: unknown names and non-callables are refused now."""
