@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--seed", type=int, default=None,
                    help=f"wins over seed in --set/--config; default {DEFAULT_SEED}")
-    t.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps (where available)")
+    t.add_argument("--device", default=None,
+                   help="auto (default), cpu, cuda, cuda:N, mps (where available)")
     t.add_argument("--config", type=Path, default=None, help="YAML file of options")
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one option (repeatable); VALUE is parsed as YAML")
