@@ -263,6 +263,9 @@ BAD = [
      "--set augment_options: more than 10000 values once YAML aliases are expanded"),
     (["--set", "augment_options=&a [*a]"], {}, "--set augment_options: nested more than 32 deep"),
     (["--config", "{d}/deep.yaml"], {"deep.yaml": _deep()}, "deep.yaml: nested more than 32 deep"),
+    (["--config", "{d}/strs.yaml"], {"strs.yaml": "augment_options: {s: &s " + "x" * 30000
+                                      + ", l: [" + ",".join(["*s"] * 9000) + "]}\n"},
+     "strs.yaml: more than 100000 characters once YAML aliases are expanded"),
     (["--config", "{d}/big.yaml"], {"big.yaml": "# x\n" * 20000},
      "big.yaml: 80000 bytes; a config file may hold at most 65536"),
     # CLI-only options
@@ -357,6 +360,18 @@ def test_report_reads_a_python_api_run(tmp_path, capsys):
     assert main(["report", str(ckpt)]) == 0
     assert ("  remedies: gradient clipping is on (max_norm=0.25): lower max_norm; reduce the "
             "learning rate.") in txt.read_text().splitlines()
+
+
+def test_report_skips_a_last_line_cut_short_by_a_crash(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    _api_run(ckpt, "tiny", epochs=3)
+    metrics = ckpt / "tiny_metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-20])  # the last epoch's line is cut short
+    assert main(["report", str(ckpt)]) == 0
+    assert "Healthy run: 2 epochs" in (ckpt / "tiny_diagnosis.txt").read_text()
+    metrics.write_text("{bad\n" + metrics.read_text())
+    assert main(["report", str(ckpt)]) == 2
+    assert f"{metrics}: line 1 is not JSON" in capsys.readouterr().err
 
 
 def test_report_of_several_api_runs_needs_a_model_name(tmp_path, capsys):

@@ -62,3 +62,15 @@ def test_bad_options_are_refused_at_construction(options, exc, message):
 def test_good_options_pass(options):
     cfg = TrainConfig.from_options(**options)
     assert {k: getattr(cfg, k) for k in options} == options
+
+
+def test_checking_draws_no_random_numbers():
+    """Validation builds throwaway objects; it must not move the global RNG (runs repeat)."""
+    import torch
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for augment in ("audio", "emotion", "notes"):
+        TrainConfig.from_options(augment=augment, augment_options={"noise_level": 0.5},
+                                 scheduler_type="onecycle", metrics="accuracy")
+    assert torch.equal(torch.get_rng_state(), before)

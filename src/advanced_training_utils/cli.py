@@ -13,9 +13,10 @@ then the explicit flags (``--epochs``, ``--seed``, ``--device``). ``seed`` follo
 
 Every option is checked before any data is rendered or loaded: a bad value, an unknown key or
 invalid YAML exits with code 2 and one line, ``advtrain: error: ...``, naming the option. A config
-file may hold at most 64 KiB, and a config file or a ``--set`` value at most 10,000 values once
-YAML aliases are expanded, nested at most 32 deep (a few hundred bytes of aliases can otherwise
-expand to millions of values, and they would be copied into every checkpoint).
+file may hold at most 64 KiB, and a config file or a ``--set`` value at most 10,000 values and
+100,000 characters of strings once YAML aliases are expanded, nested at most 32 deep (a few
+hundred bytes of aliases can otherwise expand to millions of values, and the options are copied
+into every checkpoint).
 
 ``advtrain report`` also reads a run of the Python API: pass the ``checkpoint_dir`` (or its
 parent); it finds ``NAME_metrics.jsonl`` (``--model-name`` picks one of several) and writes
@@ -53,6 +54,7 @@ DEFAULT_SEED = 0
 #: Bounds on a config file / one --set value (see the module docstring).
 MAX_CONFIG_BYTES = 64 * 1024
 MAX_CONFIG_VALUES = 10_000
+MAX_CONFIG_CHARS = 100_000
 MAX_CONFIG_DEPTH = 32
 
 
@@ -119,15 +121,19 @@ _YAMLLoader.add_implicit_resolver(
 
 
 def _count_values(obj: Any, where: str) -> None:
-    """Refuse ``obj`` if it holds more than MAX_CONFIG_VALUES values once aliases are expanded
-    (a shared or self-referencing list counts once per reference) or nests too deep."""
-    stack, count = [(obj, 1)], 0
+    """Refuse ``obj`` if, once aliases are expanded (a shared or self-referencing node counts
+    once per reference), it holds more than MAX_CONFIG_VALUES values or MAX_CONFIG_CHARS
+    characters of strings, or nests deeper than MAX_CONFIG_DEPTH."""
+    stack, count, chars = [(obj, 1)], 0, 0
     while stack:
         node, depth = stack.pop()
         count += 1
-        if count > MAX_CONFIG_VALUES:
-            raise CLIError(f"{where}: more than {MAX_CONFIG_VALUES} values once YAML aliases are "
-                           "expanded; refused (see advtrain --help)")
+        chars += len(node) if isinstance(node, (str, bytes)) else 0
+        if count > MAX_CONFIG_VALUES or chars > MAX_CONFIG_CHARS:
+            what = (f"{MAX_CONFIG_VALUES} values" if count > MAX_CONFIG_VALUES
+                    else f"{MAX_CONFIG_CHARS} characters")
+            raise CLIError(f"{where}: more than {what} once YAML aliases are expanded; refused "
+                           "(see advtrain --help)")
         if depth > MAX_CONFIG_DEPTH:
             raise CLIError(f"{where}: nested more than {MAX_CONFIG_DEPTH} deep; refused")
         if isinstance(node, dict):
@@ -362,17 +368,35 @@ def _config_from_checkpoint(where: Path, model_name: str | None) -> dict[str, An
     return None
 
 
+def _read_history(metrics: Path) -> list[dict[str, Any]]:
+    """The epochs of a metrics log; a last line cut short by a crash is skipped with a warning."""
+    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    history = []
+    for i, line in enumerate(lines, 1):
+        try:
+            history.append(json.loads(line))
+        except ValueError:
+            if i < len(lines):
+                raise CLIError(f"{metrics}: line {i} is not JSON") from None
+            log.warning("%s: skipping its last line, cut short (the run was interrupted?)",
+                        metrics)
+    if not history:
+        raise CLIError(f"{metrics} is empty: no epoch finished yet")
+    return history
+
+
 def _write_report(run_dir: Path, model_name: str | None = None) -> tuple[str, Path]:
     """Write the report of the run in ``run_dir``; return (diagnosis text, PNG path)."""
     from .report import diagnose, format_diagnosis, plot_history
 
     metrics, name = _find_metrics(run_dir, model_name)
-    history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    if not history:
-        raise CLIError(f"{metrics} is empty: no epoch finished yet")
+    history = _read_history(metrics)
     where = metrics.parent
     summary = where / "summary.json" if name is None else None
-    s = json.loads(summary.read_text()) if summary is not None and summary.is_file() else None
+    try:
+        s = json.loads(summary.read_text()) if summary is not None and summary.is_file() else None
+    except (OSError, ValueError) as e:
+        raise CLIError(f"{summary}: unreadable ({e})") from None
     config = s["options"] if s else _config_from_checkpoint(where, name)
     text = format_diagnosis(diagnose(history, config, stopped_early=(s or {}).get(
         "stopped_early")), history)
