@@ -134,3 +134,255 @@ def test_nproc_per_node_launches_torchrun(tmp_path, monkeypatch):
 def test_nproc_per_node_rejects_zero(capsys):
     assert main(["train", "--nproc-per-node", "0"]) == 2
     assert "--nproc-per-node must be >= 1, got 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- seed precedence (#8)
+class _Stop(Exception):
+    """Raised by the stand-in task builder: the test has seen what it needs."""
+
+
+@pytest.fixture
+def task_seed(monkeypatch):
+    """Replace the task builder: record the seed it is given, then stop before any data."""
+    import advanced_training_utils.tasks as tasks
+
+    seen = []
+
+    def build(name, seed, options):
+        seen.append(seed)
+        raise _Stop
+
+    monkeypatch.setattr(tasks, "build_task", build)
+    return seen
+
+
+@pytest.mark.parametrize("config, sets, flag, expected", [
+    (None, [], None, 0),            # the documented default
+    ("seed: 5\n", [], None, 5),     # --config
+    (None, ["seed=7"], None, 7),    # --set
+    ("seed: 5\n", ["seed=7"], None, 7),      # --set wins over --config
+    ("seed: 5\n", ["seed=7"], 9, 9),         # --seed wins over both
+    (None, [], 3, 3),               # --seed alone
+    ("seed: 5\n", ["seed=null"], None, 0),   # an explicit null falls back to the default
+])
+def test_seed_precedence(tmp_path, task_seed, config, sets, flag, expected):
+    from advanced_training_utils.cli import build_parser, resolve_options
+
+    argv = ["train", "--task", "notes", "--out", str(tmp_path / "run"), "--quiet"]
+    if config is not None:
+        (tmp_path / "c.yaml").write_text(config)
+        argv += ["--config", str(tmp_path / "c.yaml")]
+    for s in sets:
+        argv += ["--set", s]
+    if flag is not None:
+        argv += ["--seed", str(flag)]
+    options, _ = resolve_options(build_parser().parse_args(argv))
+    assert options["seed"] == expected          # the seed train_model_advanced gets
+    with pytest.raises(_Stop):
+        main(argv)
+    assert task_seed == [expected]              # the seed of the data and the model init
+
+
+def test_yaml_exponent_floats_are_floats():
+    from advanced_training_utils.cli import build_parser, resolve_options
+
+    args = build_parser().parse_args(["train", "--set", "learning_rate=3e-4", "--set",
+                                      "min_delta=1E-6"])
+    options, _ = resolve_options(args)
+    assert options["learning_rate"] == 3e-4 and options["min_delta"] == 1e-6
+
+
+# ---------------------------------------------------------------- bad values (#20, #19)
+def _bomb(levels=9, width=9):
+    """A YAML alias bomb: a few hundred bytes that expand to width**levels values."""
+    lines = ["augment_options:", "  a: &a [" + ",".join(["1"] * width) + "]"]
+    for i in range(1, levels):
+        prev, cur = "abcdefghi"[i - 1], "abcdefghi"[i]
+        lines.append(f"  {cur}: &{cur} [" + ",".join([f"*{prev}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def _deep(depth=40):
+    return "augment_options: {noise_level: " + "[" * depth + "1" + "]" * depth + "}\n"
+
+
+# (extra argv, files to write {name: text}, expected text of the one error line)
+BAD = [
+    # int ranges and types
+    (["--set", "batch_size=0"], {}, "batch_size must be >= 1, got 0 (task 'emotion')"),
+    (["--set", "batch_size=abc"], {}, "batch_size must be an integer, got 'abc'"),
+    (["--set", "per_piece=-2"], {}, "per_piece must be >= 1, got -2"),
+    (["--epochs", "0"], {}, "epochs must be >= 1, got 0"),
+    (["--seed", "-1"], {}, "seed must be >= 0, got -1"),
+    (["--set", "seed=1.5"], {}, "seed must be an integer, got 1.5"),
+    (["--set", "accumulation_steps=0"], {}, "accumulation_steps must be >= 1, got 0"),
+    # float ranges and types
+    (["--set", "learning_rate=-1"], {}, "learning_rate must be > 0, got -1"),
+    (["--set", "factor=5"], {}, "factor must be in (0, 1), got 5"),
+    (["--preset", "fast", "--set", "pct_start=1.5"], {}, "pct_start must be in (0, 1), got 1.5"),
+    (["--set", "scheduler_type=step", "--set", "gamma=3"], {}, "gamma must be in (0, 1], got 3"),
+    (["--set", "gradient_clip=0"], {}, "gradient_clip must be > 0, got 0"),
+    (["--set", "min_lr=abc"], {}, "min_lr must be a real number, got 'abc'"),
+    # choices
+    (["--set", "scheduler_type=linear"], {}, "scheduler_type must be one of 'plateau'"),
+    (["--set", "amp_dtype=fp8"], {}, "amp_dtype must be one of 'float16', 'bfloat16', 'auto'"),
+    (["--preset", "turbo"], {}, "unknown preset 'turbo'; valid presets: fast, stable"),
+    # booleans
+    (["--set", "use_scheduler=maybe"], {}, "use_scheduler must be a bool, got 'maybe'"),
+    (["--set", "recovery=2"], {}, "recovery must be a bool, got 2"),
+    # metric names
+    (["--set", "metrics=f1"], {}, "metrics: unknown metric 'f1'; built-in metrics: accuracy"),
+    (["--set", "metrics=[accuracy, 3]"], {}, "metrics: each item must be a metric name or a callable, got 3"),
+    # device strings
+    (["--device", "meta"], {}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'meta'"),
+    (["--device", "xla"], {}, "got 'xla' (torch_xla is not installed)"),
+    (["--device", "mps"], {}, "got 'mps' (MPS is not available"),
+    (["--device", "gpu"], {}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'gpu'"),
+    (["--set", "device=cuda:x"], {}, "got 'cuda:x'"),
+    # augment options
+    (["--set", "augment_options={noise_level: -1}"], {}, "augment_options={'noise_level': -1} "
+     "do not fit augment=None: audio: noise_level must be >= 0, got -1"),
+    (["--set", "augment_options={bogus: 1}"], {}, "audio: unknown option(s) bogus; valid: "),
+    (["--set", "augment_options=[1]"], {}, "augment_options must be a dict, got [1]"),
+    # YAML syntax errors
+    (["--set", "learning_rate=[1"], {}, "--set learning_rate: not valid YAML (line 1, column 3"),
+    (["--config", "{d}/bad.yaml"], {"bad.yaml": "learning_rate: [1, 2\n"},
+     "bad.yaml: not valid YAML (line 2, column 1"),
+    (["--config", "{d}/list.yaml"], {"list.yaml": "- 1\n"}, "expected a mapping of options"),
+    (["--config", "{d}/bin.yaml"], {"bin.yaml": b"\xff\xfe\x00"}, "bin.yaml: cannot read it"),
+    # unknown and reserved keys
+    (["--set", "lr=0.1"], {}, "--set: unknown option(s) lr; valid options: "),
+    (["--config", "{d}/unk.yaml"], {"unk.yaml": "warmup: 3\n"}, "unknown option(s) warmup"),
+    (["--set", "model_name=x"], {}, "--set: unknown option(s) model_name"),
+    (["--set", "epochs"], {}, "--set expects KEY=VALUE, got 'epochs'"),
+    # size bounds
+    (["--config", "{d}/bomb.yaml"], {"bomb.yaml": _bomb()},
+     "bomb.yaml: more than 10000 values once YAML aliases are expanded; refused"),
+    (["--set", "augment_options={a: &a [1,1,1,1,1,1,1,1,1,1], b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,"
+      "*a], c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], d: [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]}"], {},
+     "--set augment_options: more than 10000 values once YAML aliases are expanded"),
+    (["--set", "augment_options=&a [*a]"], {}, "--set augment_options: nested more than 32 deep"),
+    (["--config", "{d}/deep.yaml"], {"deep.yaml": _deep()}, "deep.yaml: nested more than 32 deep"),
+    (["--config", "{d}/strs.yaml"], {"strs.yaml": "augment_options: {s: &s " + "x" * 30000
+                                      + ", l: [" + ",".join(["*s"] * 9000) + "]}\n"},
+     "strs.yaml: more than 100000 characters once YAML aliases are expanded"),
+    (["--config", "{d}/big.yaml"], {"big.yaml": "# x\n" * 20000},
+     "big.yaml: 80000 bytes; a config file may hold at most 65536"),
+    # CLI-only options
+    (["--nproc-per-node", "0"], {}, "--nproc-per-node must be >= 1, got 0"),
+    (["--out", "{d}/afile"], {"afile": "x"}, "afile exists and is not a directory"),
+]
+
+
+@pytest.mark.parametrize("extra, files, message", BAD, ids=[" ".join(b[0])[:40] for b in BAD])
+def test_bad_values_exit_2_with_one_line_before_any_work(tmp_path, monkeypatch, capsys, extra,
+                                                         files, message):
+    import advanced_training_utils.tasks as tasks
+
+    def no_data(*a, **k):
+        raise AssertionError("the task's data was built before the options were checked")
+
+    monkeypatch.setattr(tasks, "build_task", no_data)
+    monkeypatch.setattr(tasks, "emotion_dataset", no_data)
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    run = tmp_path / "run"
+    argv = ["train", "--out", str(run), "--quiet",
+            *[a.replace("{d}", str(tmp_path)) for a in extra]]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("advtrain: error: "), lines
+    assert message in lines[0]
+    assert not run.exists()  # nothing was written either
+
+
+def test_alias_bomb_is_small_on_disk_and_anchors_within_bounds_are_fine(tmp_path):
+    assert len(_bomb().encode()) < 400  # like the issue's bomb: 405 bytes, 9**9 values
+    from advanced_training_utils.cli import build_parser, resolve_options
+
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("learning_rate: &lr 0.01\nmax_lr: *lr\naugment_options: &o {noise_level: 0.1}\n")
+    options, _ = resolve_options(build_parser().parse_args(["train", "--config", str(ok)]))
+    assert options["max_lr"] == options["learning_rate"] == 0.01
+
+
+def test_bad_value_in_a_fresh_process_prints_one_line_and_nothing_else(tmp_path):
+    """Through the real entry point: no traceback, no log or warning line, exit code 2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import advanced_training_utils
+
+    src = str(Path(advanced_training_utils.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "advanced_training_utils", "train", "--out",
+                        str(tmp_path / "run"), "--device", "meta", "--set", "batch_size=8"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [
+        "advtrain: error: device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'meta' (the meta "
+        "device holds no data, so nothing can be trained on it)"]
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- report of an API run
+def _api_run(directory, name, epochs=2, **options):
+    import torch
+
+    from advanced_training_utils import train_model_advanced
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=g)
+    y = x.sum(1, keepdim=True)
+    data = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    return train_model_advanced(torch.nn.Linear(4, 1), loader, loader, torch.nn.MSELoss(),
+                                epochs=epochs, checkpoint_dir=directory, model_name=name,
+                                verbose=False, **options)
+
+
+def test_report_reads_a_python_api_run(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    _api_run(ckpt, "tiny", gradient_clip=0.25)
+    assert main(["report", str(ckpt)]) == 0
+    png, txt = ckpt / "tiny_report.png", ckpt / "tiny_diagnosis.txt"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert txt.read_text() == out.split(f"wrote {png}")[0]
+    # The remedies follow the options saved in the run's checkpoint: make the history explode.
+    metrics = ckpt / "tiny_metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = [dict(rows[0], epoch=i + 1, grad_norm_max=500.0 if i == 3 else 1.0,
+                 grad_norm_mean=1.0) for i in range(6)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", str(ckpt)]) == 0
+    assert ("  remedies: gradient clipping is on (max_norm=0.25): lower max_norm; reduce the "
+            "learning rate.") in txt.read_text().splitlines()
+
+
+def test_report_skips_a_last_line_cut_short_by_a_crash(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    _api_run(ckpt, "tiny", epochs=3)
+    metrics = ckpt / "tiny_metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-20])  # the last epoch's line is cut short
+    assert main(["report", str(ckpt)]) == 0
+    assert "Healthy run: 2 epochs" in (ckpt / "tiny_diagnosis.txt").read_text()
+    metrics.write_text("{bad\n" + metrics.read_text())
+    assert main(["report", str(ckpt)]) == 2
+    assert f"{metrics}: line 1 is not JSON" in capsys.readouterr().err
+
+
+def test_report_of_several_api_runs_needs_a_model_name(tmp_path, capsys):
+    ckpt = tmp_path / "checkpoints"
+    _api_run(ckpt, "a", epochs=1)
+    _api_run(ckpt, "b", epochs=1)
+    assert main(["report", str(tmp_path)]) == 2  # the parent of checkpoints/ works too
+    assert capsys.readouterr().err == (
+        f"advtrain: error: {tmp_path} holds the metrics of several models (a, b); pass "
+        "--model-name NAME\n")
+    assert main(["report", str(tmp_path), "--model-name", "b"]) == 0
+    assert (ckpt / "b_report.png").is_file() and not (ckpt / "a_report.png").exists()
+    assert main(["report", str(ckpt), "--model-name", "c"]) == 2
+    assert "--model-name 'c': no c_metrics.jsonl in" in capsys.readouterr().err

@@ -83,3 +83,115 @@ def test_format_lists_each_finding():
 def test_plot_writes_png(tmp_path):
     p = plot_history(CASES["overfitting"], tmp_path / "r.png", title="t", diagnosis="x")
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- remedies follow the config
+STABILITY = "check for NaN/Inf with the stability checks"
+PLATEAU = "use the plateau scheduler, which lowers the LR when progress stalls"
+ONECYCLE = "try the OneCycle scheduler for faster convergence"
+CLIP_ON = "gradient clipping is on (max_norm={}): lower max_norm"
+CLIP_OFF = "enable gradient clipping (max_norm=1.0)"
+LR = "reduce the learning rate"
+AUG = "increase data augmentation"
+NO_AUG = "enable data augmentation (use_augmentation=True)"
+EARLY = "enable early stopping (early_stop_patience) and keep the best weights"
+KEEP = "keep the best weights (restore_best_weights=True)"
+
+# (finding, the run's options, stopped_early, exactly the remedies given)
+REMEDY_TABLE = [
+    # diverging: clipping, mixed precision, stability checks
+    ("diverging", dict(gradient_clip=None, use_mixed_precision=True, check_stability=False), None,
+     (LR, CLIP_OFF, "disable mixed precision", STABILITY)),
+    ("diverging", dict(gradient_clip=0.5, use_mixed_precision=False, check_stability=True), None,
+     (LR, CLIP_ON.format(0.5))),
+    ("diverging", dict(gradient_clip=math.inf), None, (LR, CLIP_OFF, STABILITY)),
+    # overfitting: augmentation, plateau scheduler, early stopping (off / never fired / fired)
+    ("overfitting", dict(use_augmentation=False, scheduler_type="cosine"), None,
+     (NO_AUG, "use the plateau scheduler", EARLY)),
+    ("overfitting", dict(use_augmentation=True, scheduler_type="plateau", early_stop_patience=15),
+     False, (AUG, "lower early_stop_patience (now 15): it never fired")),
+    ("overfitting", dict(use_augmentation=True, early_stop_patience=15,
+                         restore_best_weights=False), False,
+     (AUG, f"lower early_stop_patience (now 15): it never fired; {KEEP}")),
+    ("overfitting", dict(use_augmentation=True, early_stop_patience=3), True, (AUG,)),
+    ("overfitting", dict(use_augmentation=True, early_stop_patience=3,
+                         restore_best_weights=False), True, (AUG, KEEP)),
+    ("overfitting", dict(use_scheduler=False, scheduler_type="plateau", early_stop_patience=3),
+     True, (NO_AUG, "use the plateau scheduler")),
+    # plateau: which scheduler, its patience or min_lr, early stopping that fired too soon
+    ("plateau", dict(scheduler_type="cosine"), None, (PLATEAU, ONECYCLE)),
+    ("plateau", dict(use_scheduler=False), None, (PLATEAU, ONECYCLE)),
+    ("plateau", dict(scheduler_type="onecycle"), None, (PLATEAU,)),
+    ("plateau", dict(scheduler_type="plateau", patience=8), None,
+     ("lower the plateau scheduler's patience (now 8) so it acts sooner", ONECYCLE)),
+    ("plateau", dict(scheduler_type="plateau", min_lr=1e-3), None,
+     ("the LR is at min_lr (0.001): lower min_lr", ONECYCLE)),
+    ("plateau", dict(scheduler_type="plateau", patience=5, early_stop_patience=5), True,
+     ("lower the plateau scheduler's patience (now 5) so it acts sooner",
+      "increase early_stop_patience (now 5) above the plateau scheduler's patience (5) so the "
+      "LR can drop before the run stops", ONECYCLE)),
+    ("plateau", dict(scheduler_type="plateau", patience=5, early_stop_patience=5), False,
+     ("lower the plateau scheduler's patience (now 5) so it acts sooner", ONECYCLE)),
+    ("plateau", dict(scheduler_type="plateau", patience=5, early_stop_patience=8), True,
+     ("lower the plateau scheduler's patience (now 5) so it acts sooner", ONECYCLE)),
+    # gradients
+    ("exploding_gradients", dict(gradient_clip=None), None, (CLIP_OFF, LR)),
+    ("exploding_gradients", dict(gradient_clip=2.0), None, (CLIP_ON.format(2.0), LR)),
+    ("vanishing_gradients", dict(check_stability=False, warmup_steps=0), None,
+     ("check gradients with TrainingStability.check_gradients (it lists parameters without "
+      "gradients)", "raise the learning rate or add warmup")),
+    ("vanishing_gradients", dict(check_stability=True, warmup_steps=100), None,
+     ("raise the learning rate",)),
+    # recovery and skipped steps
+    ("rollbacks", dict(gradient_clip=None, check_stability=False), None,
+     ("reduce the learning rate (recovery had to lower it)", CLIP_OFF, STABILITY)),
+    ("rollbacks", dict(gradient_clip=1.0, check_stability=True), None,
+     ("reduce the learning rate (recovery had to lower it)", CLIP_ON.format(1.0))),
+    ("skipped_steps", dict(use_mixed_precision=True, gradient_clip=None, check_stability=False),
+     None, ("disable mixed precision if fp16 overflows persist", CLIP_OFF, LR,
+            "check for NaN/Inf in the inputs with the stability checks")),
+    ("skipped_steps", dict(use_mixed_precision=False, gradient_clip=1.0, check_stability=True),
+     None, (CLIP_ON.format(1.0), LR)),
+]
+
+
+@pytest.mark.parametrize("kind, config, stopped_early, remedies", REMEDY_TABLE)
+def test_each_remedy_is_given_only_where_it_applies(kind, config, stopped_early, remedies):
+    (f,) = [f for f in diagnose(CASES[kind], config, stopped_early=stopped_early)
+            if f.kind == kind]
+    assert f.remedies == remedies
+
+
+def test_without_a_config_the_generic_remedies_are_given():
+    from advanced_training_utils.report.diagnosis import REMEDIES
+
+    for kind, history in CASES.items():
+        (f,) = [f for f in diagnose(history) if f.kind == kind]
+        assert f.remedies == tuple(REMEDIES[kind])
+
+
+def _flagged(history, improved):
+    return [dict(h, improved=i) for h, i in zip(history, improved)]
+
+
+@pytest.mark.parametrize("improved, epochs, fired", [
+    ([True, True, True, True, False, False, False, False, False, False], 20, True),
+    ([True, True, True, True, False, False, False, False, False, False], 10, False),  # ran out
+    ([True, True, True, True, False, False, False, False, False, True], 20, False),
+])
+def test_whether_early_stopping_fired_is_read_from_the_history(improved, epochs, fired):
+    history = _flagged(CASES["overfitting"], improved)
+    config = dict(use_augmentation=True, early_stop_patience=3, epochs=epochs)
+    (f,) = [f for f in diagnose(history, config) if f.kind == "overfitting"]
+    assert f.remedies == ((AUG,) if fired else (AUG, "lower early_stop_patience (now 3): it "
+                                                     "never fired"))
+
+
+def test_a_saved_config_gives_the_same_remedies_as_the_options():
+    from advanced_training_utils.config import TrainConfig
+
+    plain = TrainConfig.from_options(gradient_clip=0.5, scheduler_type="plateau",
+                                     use_augmentation=True, early_stop_patience=4).to_plain()
+    (f,) = [f for f in diagnose(CASES["overfitting"], plain, stopped_early=True)
+            if f.kind == "overfitting"]
+    assert f.remedies == (AUG,)

@@ -3,12 +3,24 @@
     advtrain train --task emotion|notes --preset fast|stable|memory_constrained --epochs N
                    --out DIR [--resume] [--seed S] [--device D] [--config FILE.yaml]
                    [--set key=value ...] [--nproc-per-node N]
-    advtrain report DIR
+    advtrain report DIR [--model-name NAME]
     advtrain presets
 
 Options are layered, later wins: the task's defaults, the preset, the YAML config file, ``--set``,
-then the explicit flags (``--epochs``, ``--seed``, ``--device``). A run directory holds
-``checkpoints/``, ``metrics.jsonl``, ``summary.json``, ``report.png`` and ``diagnosis.txt``.
+then the explicit flags (``--epochs``, ``--seed``, ``--device``). ``seed`` follows the same rule
+(``--seed`` > ``--set seed=`` > the config file > 0). A run directory holds ``checkpoints/``,
+``metrics.jsonl``, ``summary.json``, ``report.png`` and ``diagnosis.txt``.
+
+Every option is checked before any data is rendered or loaded: a bad value, an unknown key or
+invalid YAML exits with code 2 and one line, ``advtrain: error: ...``, naming the option. A config
+file may hold at most 64 KiB, and a config file or a ``--set`` value at most 10,000 values and
+100,000 characters of strings once YAML aliases are expanded, nested at most 32 deep (a few
+hundred bytes of aliases can otherwise expand to millions of values, and the options are copied
+into every checkpoint).
+
+``advtrain report`` also reads a run of the Python API: pass the ``checkpoint_dir`` (or its
+parent); it finds ``NAME_metrics.jsonl`` (``--model-name`` picks one of several) and writes
+``NAME_report.png`` and ``NAME_diagnosis.txt`` next to it.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,6 +47,15 @@ log = logging.getLogger("advanced_training_utils.cli")
 
 # Options the CLI sets itself from the run directory; not settable by --set or a config file.
 _RESERVED = {"checkpoint_dir", "model_name", "metrics_file", "resume", "optimizer", "augment"}
+
+#: The seed when neither --seed, --set seed= nor the config file gives one.
+DEFAULT_SEED = 0
+
+#: Bounds on a config file / one --set value (see the module docstring).
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_CONFIG_VALUES = 10_000
+MAX_CONFIG_CHARS = 100_000
+MAX_CONFIG_DEPTH = 32
 
 
 class CLIError(Exception):
@@ -53,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--out", type=Path, default=Path("runs/latest"))
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")
+    t.add_argument("--seed", type=int, default=None,
+                   help=f"wins over seed in --set/--config; default {DEFAULT_SEED}")
+    t.add_argument("--device", default=None,
+                   help="auto (default), cpu, cuda, cuda:N, mps (where available)")
     t.add_argument("--config", type=Path, default=None, help="YAML file of options")
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one option (repeatable); VALUE is parsed as YAML")
@@ -62,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
                    help="launch N processes on this machine through torch.distributed.run (DDP)")
     r = sub.add_parser("report", help="write report.png and the diagnosis for a run directory")
-    r.add_argument("run_dir", type=Path)
+    r.add_argument("run_dir", type=Path,
+                   help="a run directory of advtrain train, or a checkpoint_dir of the Python API")
+    r.add_argument("--model-name", default=None,
+                   help="which NAME_metrics.jsonl to read when the directory holds several")
     sub.add_parser("presets", help="list the presets and their options")
     return p
 
@@ -82,18 +109,105 @@ def _check_keys(where: str, options: dict[str, Any], task: str) -> None:
                        + ", ".join(valid))
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` as a float (YAML 1.2; 1.1 wants ``1.0e-3``)."""
+
+
+_YAMLLoader.yaml_implicit_resolvers = {
+    k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _count_values(obj: Any, where: str) -> None:
+    """Refuse ``obj`` if, once aliases are expanded (a shared or self-referencing node counts
+    once per reference), it holds more than MAX_CONFIG_VALUES values or MAX_CONFIG_CHARS
+    characters of strings, or nests deeper than MAX_CONFIG_DEPTH."""
+    stack, count, chars = [(obj, 1)], 0, 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        chars += len(node) if isinstance(node, (str, bytes)) else 0
+        if count > MAX_CONFIG_VALUES or chars > MAX_CONFIG_CHARS:
+            what = (f"{MAX_CONFIG_VALUES} values" if count > MAX_CONFIG_VALUES
+                    else f"{MAX_CONFIG_CHARS} characters")
+            raise CLIError(f"{where}: more than {what} once YAML aliases are expanded; refused "
+                           "(see advtrain --help)")
+        if depth > MAX_CONFIG_DEPTH:
+            raise CLIError(f"{where}: nested more than {MAX_CONFIG_DEPTH} deep; refused")
+        if isinstance(node, dict):
+            stack.extend((x, depth + 1) for kv in node.items() for x in kv)
+        elif isinstance(node, (list, tuple)):
+            stack.extend((x, depth + 1) for x in node)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """Parse YAML text within the bounds; errors become one-line :class:`CLIError`."""
+    try:
+        obj = yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise CLIError(f"{where}: not valid YAML ({at}{getattr(e, 'problem', None) or e})"
+                       ) from None
+    except RecursionError:
+        raise CLIError(f"{where}: nested more than {MAX_CONFIG_DEPTH} deep; refused") from None
+    _count_values(obj, where)
+    return obj
+
+
 def _parse_sets(sets: list[str]) -> dict[str, Any]:
     out = {}
     for item in sets:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        out[key.strip()] = _load_yaml(value, f"--set {key.strip()}") if value.strip() else None
     return out
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    """The options of a YAML config file (a mapping), within the size bounds."""
+    if not path.is_file():
+        raise CLIError(f"--config: no such file {path}")
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise CLIError(f"--config {path}: {size} bytes; a config file may hold at most "
+                           f"{MAX_CONFIG_BYTES}")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"--config {path}: cannot read it ({e})") from None
+    loaded = _load_yaml(text, f"--config {path}")
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise CLIError(f"--config {path}: expected a mapping of options, got "
+                       f"{type(loaded).__name__}")
+    return loaded
+
+
+def _check_task_options(task: str, options: dict[str, Any]) -> None:
+    """The task's own options (``batch_size``, ``per_piece``), checked before any data."""
+    from ._validate import check_int
+
+    try:
+        if "batch_size" in options:
+            check_int("batch_size", options["batch_size"], low=1)
+        if options.get("per_piece") is not None:
+            check_int("per_piece", options["per_piece"], low=1)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"{e} (task {task!r})") from None
+
+
 def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Layer the options; return (train options, task options)."""
+    """Layer the options; return (train options, task options), all checked.
+
+    Raises:
+        CLIError: an unknown preset or key, invalid or oversized YAML, or a bad value (the
+            whole :class:`TrainConfig` and the task's options are validated here).
+    """
     from .tasks import TASK_OPTIONS, TASK_TRAIN_DEFAULTS
 
     if args.preset not in PRESETS and args.preset not in PRESET_ALIASES:
@@ -101,15 +215,7 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
                        + ", ".join([*PRESETS, *PRESET_ALIASES]))
     merged: dict[str, Any] = {**TASK_TRAIN_DEFAULTS[args.task], **get_preset(args.preset)}
     if args.config is not None:
-        if not args.config.is_file():
-            raise CLIError(f"--config: no such file {args.config}")
-        try:
-            loaded = yaml.safe_load(args.config.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise CLIError(f"--config {args.config}: not valid YAML ({e})") from None
-        if not isinstance(loaded, dict):
-            raise CLIError(f"--config {args.config}: expected a mapping of options, got "
-                           f"{type(loaded).__name__}")
+        loaded = _read_config(args.config)
         _check_keys(f"--config {args.config}", loaded, args.task)
         merged.update(loaded)
     sets = _parse_sets(args.sets)
@@ -119,9 +225,13 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
         merged["epochs"] = args.epochs
     if args.device is not None:
         merged["device"] = args.device
-    merged["seed"] = args.seed
+    if args.seed is not None:
+        merged["seed"] = args.seed
+    if merged.get("seed") is None:
+        merged["seed"] = DEFAULT_SEED
     task_opts = {k: merged.pop(k) for k in list(merged) if k in TASK_OPTIONS[args.task]
                  and k not in {f.name for f in dataclasses.fields(TrainConfig)}}
+    _check_task_options(args.task, task_opts)
     merged["verbose"] = not args.quiet and merged.get("verbose", True)
     try:
         TrainConfig.from_options(**merged)
@@ -165,12 +275,14 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
         return _launch(args, argv)
     options, task_opts = resolve_options(args)
     out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
     ckpt_dir = out / "checkpoints"
     if out.exists() and not args.resume and (ckpt_dir / f"{args.task}_last.pt").exists():
         log.info("%s already holds a run; starting over (pass --resume to continue it)", out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    task = build_task(args.task, args.seed, task_opts)
+    task = build_task(args.task, options["seed"], task_opts)
     data_seconds = time.perf_counter() - t0
     log.info("task %s: %s (data ready in %.1fs)", args.task, task.info, data_seconds)
     res = train_model_advanced(
@@ -182,7 +294,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     device = resolve_device(options.get("device", "auto"))
     test = task.evaluate_test(task.model, device)
     summary = {
-        "task": args.task, "preset": args.preset, "seed": args.seed,
+        "task": args.task, "preset": args.preset, "seed": options["seed"],
         "device": str(device), "torch": torch.__version__,
         "epochs_run": res["epochs_run"], "best_epoch": res["best_epoch"],
         "best_val_loss": res["best_val_loss"], "stopped_early": res["stopped_early"],
@@ -213,27 +325,101 @@ def _headline(s: dict[str, Any]) -> str:
             f"P(Eb4) major {p['major']['Eb4']:.3f} / minor {p['minor']['Eb4']:.3f}")
 
 
-def write_report(run_dir: Path) -> str:
-    """Write ``report.png`` and ``diagnosis.txt`` for ``run_dir``; return the diagnosis text."""
-    from .report import diagnose, format_diagnosis, plot_history
+def _find_metrics(run_dir: Path, model_name: str | None) -> tuple[Path, str | None]:
+    """The metrics log in ``run_dir``: ``(path, model name)``; the name is None for the
+    ``metrics.jsonl`` of ``advtrain train``, else the NAME of an API run's NAME_metrics.jsonl
+    (looked for in ``run_dir`` and ``run_dir/checkpoints``)."""
+    if model_name is None and (run_dir / "metrics.jsonl").is_file():
+        return run_dir / "metrics.jsonl", None
+    found: dict[str, Path] = {}
+    for d in (run_dir, run_dir / "checkpoints"):
+        for path in sorted(d.glob("*_metrics.jsonl")) if d.is_dir() else []:
+            found.setdefault(path.name[: -len("_metrics.jsonl")], path)
+    names = ", ".join(found)
+    if model_name is not None:
+        if model_name not in found:
+            raise CLIError(f"--model-name {model_name!r}: no {model_name}_metrics.jsonl in "
+                           f"{run_dir}" + (f"; it holds: {names}" if found else ""))
+        return found[model_name], model_name
+    if not found:
+        raise CLIError(f"{run_dir} has no metrics.jsonl nor NAME_metrics.jsonl: is it a run "
+                       "directory of advtrain train or a checkpoint_dir of train_model_advanced?")
+    if len(found) > 1:
+        raise CLIError(f"{run_dir} holds the metrics of several models ({names}); pass "
+                       "--model-name NAME")
+    ((name, path),) = found.items()
+    return path, name
 
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        raise CLIError(f"{run_dir} has no metrics.jsonl: is it a run directory of advtrain train?")
-    history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+def _config_from_checkpoint(where: Path, model_name: str | None) -> dict[str, Any] | None:
+    """The options saved in the run's newest readable checkpoint, or None."""
+    from . import checkpoint as ck
+
+    for d in (where, where / "checkpoints"):
+        stems = [model_name] if model_name else [p.name[:-len("_last.pt")]
+                                                 for p in sorted(d.glob("*_last.pt"))]
+        for stem in stems:
+            for path in (d / f"{stem}_last.pt", d / f"{stem}_best.pt"):
+                if path.is_file():
+                    try:
+                        return dict(ck.load_checkpoint(path)[ck.CONFIG_KEY])
+                    except (ck.CheckpointError, KeyError, TypeError) as e:
+                        log.warning("report: cannot read the options from %s (%s)", path, e)
+    return None
+
+
+def _read_history(metrics: Path) -> list[dict[str, Any]]:
+    """The epochs of a metrics log; a last line cut short by a crash is skipped with a warning."""
+    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    history = []
+    for i, line in enumerate(lines, 1):
+        try:
+            history.append(json.loads(line))
+        except ValueError:
+            if i < len(lines):
+                raise CLIError(f"{metrics}: line {i} is not JSON") from None
+            log.warning("%s: skipping its last line, cut short (the run was interrupted?)",
+                        metrics)
     if not history:
         raise CLIError(f"{metrics} is empty: no epoch finished yet")
-    summary = run_dir / "summary.json"
-    s = json.loads(summary.read_text()) if summary.is_file() else None
-    text = format_diagnosis(diagnose(history, s["options"] if s else None), history)
-    (run_dir / "diagnosis.txt").write_text(text + "\n")
-    title = run_dir.name
+    return history
+
+
+def _write_report(run_dir: Path, model_name: str | None = None) -> tuple[str, Path]:
+    """Write the report of the run in ``run_dir``; return (diagnosis text, PNG path)."""
+    from .report import diagnose, format_diagnosis, plot_history
+
+    metrics, name = _find_metrics(run_dir, model_name)
+    history = _read_history(metrics)
+    where = metrics.parent
+    summary = where / "summary.json" if name is None else None
+    try:
+        s = json.loads(summary.read_text()) if summary is not None and summary.is_file() else None
+    except (OSError, ValueError) as e:
+        raise CLIError(f"{summary}: unreadable ({e})") from None
+    config = s["options"] if s else _config_from_checkpoint(where, name)
+    text = format_diagnosis(diagnose(history, config, stopped_early=(s or {}).get(
+        "stopped_early")), history)
+    prefix = "" if name is None else f"{name}_"
+    (where / f"{prefix}diagnosis.txt").write_text(text + "\n")
+    title = name or where.name
     if s is not None:
         title = f"{s.get('task')} / {s.get('preset')}: " + (
             f"test accuracy {s['test_accuracy']:.3f}" if "test_accuracy" in s
             else f"test BCE {s.get('test_bce', float('nan')):.4f}")
-    plot_history(history, run_dir / "report.png", title=title, diagnosis=text)
-    return text
+    png = plot_history(history, where / f"{prefix}report.png", title=title, diagnosis=text)
+    return text, png
+
+
+def write_report(run_dir: Path, model_name: str | None = None) -> str:
+    """Write the report and diagnosis of a run; return the diagnosis text.
+
+    ``run_dir`` is a run directory of ``advtrain train`` (``report.png``, ``diagnosis.txt``)
+    or the ``checkpoint_dir`` of a Python API run, or its parent (``NAME_report.png``,
+    ``NAME_diagnosis.txt`` next to ``NAME_metrics.jsonl``; ``model_name`` picks NAME when there
+    are several). The remedies follow the run's options (``summary.json`` or the checkpoint).
+    """
+    return _write_report(run_dir, model_name)[0]
 
 
 def _presets() -> int:
@@ -256,10 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             if not args.run_dir.is_dir():
                 raise CLIError(f"no such run directory: {args.run_dir}")
-            print(write_report(args.run_dir))
-            print(f"wrote {args.run_dir / 'report.png'}")
+            text, png = _write_report(args.run_dir, args.model_name)
+            print(text)
+            print(f"wrote {png}")
             return 0
         return _presets()
     except CLIError as e:
-        print(f"advtrain: error: {e}", file=sys.stderr)
+        print("advtrain: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
         return 2

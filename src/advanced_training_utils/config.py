@@ -7,7 +7,8 @@ a message listing the valid ones, then validates every field once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,7 @@ class TrainConfig:
         """Check every field; raise ``ValueError``/``TypeError`` naming the field."""
         check_int("epochs", self.epochs, low=1)
         check_real("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
-        if not isinstance(self.device, str):
-            self.device = str(self.device)
+        self.device = _check_device(self.device)
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, Path)):
             raise TypeError(f"checkpoint_dir must be a path or None, got {self.checkpoint_dir!r}")
         if not isinstance(self.model_name, str) or not self.model_name or "/" in self.model_name:
@@ -134,8 +134,6 @@ class TrainConfig:
             check_choice("amp_dtype", self.amp_dtype, ("float16", "bfloat16", "auto"))
         if self.augment is not None and not callable(self.augment):
             check_choice("augment", self.augment, AUGMENT_MODALITIES)
-        if not isinstance(self.augment_options, dict):
-            raise TypeError(f"augment_options must be a dict, got {self.augment_options!r}")
         if self.early_stop_patience is not None:
             check_int("early_stop_patience", self.early_stop_patience, low=1)
         check_real("min_delta", self.min_delta, low=0.0)
@@ -158,6 +156,66 @@ class TrainConfig:
             check_int("recovery_check_every", self.recovery_check_every, low=1)
         if not isinstance(self.resume, (bool, str, Path)):
             raise TypeError(f"resume must be a bool or a path, got {self.resume!r}")
+        self._check_scheduler()
+        self._check_metrics()
+        self._check_augment_options()
+
+    def _check_scheduler(self) -> None:
+        """Build the scheduler once on a throwaway optimizer, so that its own checks of
+        ``factor``, ``gamma``, ``min_lr``, ``max_lr``, ``pct_start``... run now, before any data
+        is loaded (one set of rules: the scheduler's). The number of batches is not known yet:
+        the check assumes enough of them for any warmup, and the run checks the real horizon."""
+        import torch
+
+        from .scheduler import LearningRateScheduler
+
+        for name in ("factor", "gamma", "max_lr"):
+            if getattr(self, name) is not None:
+                check_real(name, getattr(self, name))
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.learning_rate)
+        steps_per_epoch = self.warmup_steps + 2  # onecycle: room for warmup + 1 annealing step
+        LearningRateScheduler(opt, self.scheduler_type, **self.scheduler_options(steps_per_epoch))
+
+    def _check_metrics(self) -> None:
+        """Resolve ``metrics`` once: unknown names and non-callables are refused now."""
+        from .loop import resolve_metrics
+
+        m = self.metrics
+        if m is not None and not callable(m) and not isinstance(m, (str, list, tuple, Mapping)):
+            raise TypeError("metrics must be None, a metric name, a list of names/callables or "
+                            f"a dict of name -> callable; got {m!r}")
+        if isinstance(m, (list, tuple)):
+            for item in m:
+                if not isinstance(item, str) and not callable(item):
+                    raise TypeError(f"metrics: each item must be a metric name or a callable, "
+                                    f"got {item!r} of type {type(item).__name__}")
+        resolve_metrics(m)
+
+    def _check_augment_options(self) -> None:
+        """Check ``augment_options`` against the built-in augmentation they will be passed to.
+
+        With ``augment=None`` (inferred from the data) they must fit at least one of them.
+        They are keyword options of the built-in augmentations only: with a callable
+        ``augment`` they are refused (bind the options into the callable).
+        """
+        opts = self.augment_options
+        if not isinstance(opts, dict):
+            raise TypeError(f"augment_options must be a dict, got {opts!r}")
+        if not opts:
+            return
+        if callable(self.augment):
+            raise ValueError(f"augment_options={opts!r} apply to the built-in augmentations "
+                             f"{AUGMENT_MODALITIES}, not to a callable augment; bind them into "
+                             "the callable")
+        errors = []
+        for modality in [self.augment] if self.augment is not None else AUGMENT_MODALITIES:
+            try:
+                _dry_augment(modality, opts)
+                return
+            except (TypeError, ValueError) as e:
+                errors.append(f"{modality}: {e}")
+        raise ValueError(f"augment_options={opts!r} do not fit augment={self.augment!r}: "
+                         + "; ".join(errors))
 
     def scheduler_options(self, steps_per_epoch: int) -> dict[str, Any]:
         """Keyword options for ``LearningRateScheduler`` for this run's length."""
@@ -186,3 +244,32 @@ class TrainConfig:
                 v = repr(v) if not isinstance(v, Callable) else getattr(v, "__name__", repr(v))
             out[f.name] = v
         return out
+
+
+#: The built-in augmentation of each modality and a tiny input it accepts.
+_AUGMENT_METHODS = {"audio": ("augment_audio_features", (2, 4, 8)),
+                    "emotion": ("augment_emotion_embedding", (2, 3)),
+                    "notes": ("augment_note_probabilities", (2, 128))}
+
+
+def _dry_augment(modality: str, options: dict[str, Any]) -> None:
+    """Call the ``modality`` augmentation once on a tiny zero tensor with ``options``, so that
+    its own argument checks run (unknown keys are named with the valid ones)."""
+    import torch
+
+    from .augmentation import DataAugmentation
+
+    method, shape = _AUGMENT_METHODS[modality]
+    fn = getattr(DataAugmentation(seed=0), method)
+    valid = list(inspect.signature(fn).parameters)[1:]  # after the input tensor
+    unknown = sorted(set(map(str, options)) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    fast = {"exact_noise": True} if "exact_noise" in valid else {}  # no noise bank to draw
+    fn(torch.zeros(shape), **{**options, **fast})
+
+
+def _check_device(device: Any) -> str:
+    from .prepare import check_device  # prepare builds on this module: import when used
+
+    return check_device(device)

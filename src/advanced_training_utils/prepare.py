@@ -6,6 +6,7 @@ Used by :func:`advanced_training_utils.train.train_model_advanced`; each helper 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import warnings
 from collections.abc import Callable, Iterable
@@ -18,25 +19,69 @@ from .augmentation import DataAugmentation
 from .config import TrainConfig
 from .loop import split_batch
 
-__all__ = ["resolve_device", "infer_modality", "build_optimizer", "build_augment", "first_batch",
+__all__ = ["check_device", "resolve_device", "infer_modality", "build_optimizer", "build_augment", "first_batch",
            "check_labels", "check_inputs"]
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``'auto'`` -> cuda, mps or cpu; ``'cuda'`` without CUDA -> cpu with a warning."""
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def _xla_available() -> bool:
+    return importlib.util.find_spec("torch_xla") is not None
+
+
+def check_device(device: str | torch.device) -> str:
+    """Check that this torch build can train on ``device``; return its name.
+
+    Allowed: ``'auto'``, ``'cpu'``, ``'cuda'`` and ``'cuda:N'`` (without CUDA they fall back to
+    the CPU with a warning, see :func:`resolve_device`; with CUDA, ``N`` must name a present
+    GPU), ``'mps'`` only where ``torch.backends.mps.is_available()``, ``'xla'`` only where
+    ``torch_xla`` is installed. ``'meta'`` (no data) and every other string are refused.
+
+    Raises:
+        ValueError: naming the device, why it cannot be used and the allowed ones.
+    """
     name = str(device)
+    if name == "auto":
+        return name
+    names = ["'auto'", "'cpu'", "'cuda'", "'cuda:N'"] + ["'mps'"] * _mps_available() + [
+        "'xla'"] * _xla_available()
+    allowed = ", ".join(names[:-1]) + " or " + names[-1]
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device must be {allowed}; got {name!r}") from None
+    if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s) "
+                             f"(cuda:0..cuda:{count - 1})")
+    if dev.type in ("cpu", "cuda") or (dev.type == "mps" and _mps_available()) or (
+            dev.type == "xla" and _xla_available()):
+        return name
+    why = {"meta": "the meta device holds no data, so nothing can be trained on it",
+           "mps": "MPS is not available in this torch build or on this machine",
+           "xla": "torch_xla is not installed"}.get(dev.type, "not a device this package trains on")
+    raise ValueError(f"device must be {allowed}; got {name!r} ({why})")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``'auto'`` -> cuda, mps or cpu; ``'cuda'`` without CUDA -> cpu with a warning.
+
+    Every other name is checked by :func:`check_device` first (``ValueError`` if refused).
+    """
+    name = check_device(device)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {name!r}") from e
+    dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         msg = f"device={name!r} but CUDA is not available; training on the CPU instead"
         warnings.warn(msg, RuntimeWarning, stacklevel=3)

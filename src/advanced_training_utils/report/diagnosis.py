@@ -67,39 +67,124 @@ def _f(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
-def _remedies(kind: str, config: dict[str, Any] | None) -> tuple[str, ...]:
-    """The guide's remedies, adjusted to what the run already did (when its config is known)."""
-    out = []
-    for r in REMEDIES[kind]:
-        if config:
-            clip = config.get("gradient_clip")
-            if r.startswith("enable gradient clipping") and clip not in (None, "None"):
-                r = f"gradient clipping is on (max_norm={clip}): lower max_norm"
-            if r == "disable mixed precision" and not config.get("use_mixed_precision"):
-                continue
-            if r.startswith("disable mixed precision if") and not config.get("use_mixed_precision"):
-                continue
-        out.append(r)
-    return tuple(out)
+def _clip_remedy(c: dict[str, Any]) -> str:
+    clip = c.get("gradient_clip")
+    if clip in (None, "None") or (isinstance(clip, (int, float)) and math.isinf(clip)):
+        return "enable gradient clipping (max_norm=1.0)"
+    return f"gradient clipping is on (max_norm={clip}): lower max_norm"
 
 
-def _make(kind: str, evidence: str, epochs: Sequence[int],
-          config: dict[str, Any] | None = None) -> Finding:
-    return Finding(kind, evidence, tuple(epochs), _remedies(kind, config))
+def _uses(c: dict[str, Any], scheduler_type: str) -> bool:
+    return bool(c.get("use_scheduler")) and c.get("scheduler_type") == scheduler_type
 
 
-def diagnose(history: Sequence[dict[str, Any]],
-             config: dict[str, Any] | None = None) -> list[Finding]:
+def _early_stopping_remedy(c: dict[str, Any], fired: bool) -> str | None:
+    patience = c.get("early_stop_patience")
+    if patience is None:
+        return "enable early stopping (early_stop_patience) and keep the best weights"
+    keep = "keep the best weights (restore_best_weights=True)"
+    if fired:  # it stopped the run where it should; only the weights kept can be wrong
+        return None if c.get("restore_best_weights") else keep
+    lower = f"lower early_stop_patience (now {patience}): it never fired"
+    return lower if c.get("restore_best_weights") else f"{lower}; {keep}"
+
+
+def _plateau_remedy(c: dict[str, Any], last_lr: float) -> str:
+    if not _uses(c, "plateau"):
+        return "use the plateau scheduler, which lowers the LR when progress stalls"
+    min_lr = float(c.get("min_lr") or 0.0)
+    if math.isfinite(last_lr) and last_lr <= min_lr * (1 + 1e-9):
+        return f"the LR is at min_lr ({min_lr:g}): lower min_lr"
+    return f"lower the plateau scheduler's patience (now {c.get('patience')}) so it acts sooner"
+
+
+def _patience_remedy(c: dict[str, Any], fired: bool) -> str | None:
+    """Early stopping that fired before the plateau scheduler could lower the LR."""
+    stop, patience = c.get("early_stop_patience"), c.get("patience")
+    if not (fired and _uses(c, "plateau") and stop is not None and patience is not None
+            and stop <= patience):
+        return None
+    return (f"increase early_stop_patience (now {stop}) above the plateau scheduler's patience "
+            f"({patience}) so the LR can drop before the run stops")
+
+
+def _tailored(kind: str, c: dict[str, Any], fired: bool, last_lr: float) -> list[str | None]:
+    """The remedies of ``kind`` for a run with options ``c``; None where one does not apply."""
+    checks = bool(c.get("check_stability"))
+    amp = bool(c.get("use_mixed_precision"))
+    if kind == "diverging":
+        return ["reduce the learning rate", _clip_remedy(c),
+                "disable mixed precision" if amp else None,
+                None if checks else REMEDIES[kind][3]]
+    if kind == "overfitting":
+        return ["increase data augmentation" if c.get("use_augmentation")
+                else "enable data augmentation (use_augmentation=True)",
+                None if _uses(c, "plateau") else "use the plateau scheduler",
+                _early_stopping_remedy(c, fired)]
+    if kind == "plateau":
+        return [_plateau_remedy(c, last_lr), _patience_remedy(c, fired),
+                None if _uses(c, "onecycle") else REMEDIES[kind][1]]
+    if kind == "exploding_gradients":
+        return [_clip_remedy(c), "reduce the learning rate"]
+    if kind == "vanishing_gradients":
+        return [None if checks else REMEDIES[kind][0],
+                "raise the learning rate" if c.get("warmup_steps") else REMEDIES[kind][1]]
+    if kind == "rollbacks":
+        return [REMEDIES[kind][0], _clip_remedy(c), None if checks else REMEDIES[kind][2]]
+    return ["disable mixed precision if fp16 overflows persist" if amp else None,  # skipped
+            _clip_remedy(c), "reduce the learning rate", None if checks else REMEDIES[kind][3]]
+
+
+def _config_with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` over :class:`TrainConfig`'s defaults (a partial config omits defaults)."""
+    import dataclasses
+
+    from ..config import TrainConfig
+
+    out = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+           if f.default is not dataclasses.MISSING}
+    out.update(config)
+    return out
+
+
+def _stopped_early(history: Sequence[dict[str, Any]], c: dict[str, Any]) -> bool:
+    """Whether early stopping ended the run, read from the history: it ended before its last
+    epoch, after ``early_stop_patience`` epochs in a row without improvement."""
+    p = c.get("early_stop_patience")
+    if p is None or len(history) >= int(c.get("epochs") or 0) or len(history) < int(p):
+        return False
+    return all(h.get("improved") is False for h in history[-int(p):])
+
+
+def _remedies(kind: str, config: dict[str, Any] | None, fired: bool = False,
+              last_lr: float = math.nan) -> tuple[str, ...]:
+    """The guide's remedies; with the run's config, only those that apply to it."""
+    if not config:
+        return tuple(REMEDIES[kind])
+    return tuple(r for r in _tailored(kind, config, fired, last_lr) if r)
+
+
+def diagnose(history: Sequence[dict[str, Any]], config: dict[str, Any] | None = None, *,
+             stopped_early: bool | None = None) -> list[Finding]:
     """Findings for ``history`` (a list of per-epoch dicts); empty when the run looks healthy.
 
-    ``config`` (the run's options, e.g. ``summary.json['options']``) tailors the remedies: a
-    run that already clips is told to lower the threshold, not to enable clipping.
+    ``config`` (the run's options, e.g. ``summary.json['options']`` or a checkpoint's
+    ``config``; omitted keys take ``TrainConfig``'s defaults) keeps only the remedies that apply
+    to the run: one that already clips is told to lower max_norm, not to enable clipping; one
+    on the plateau scheduler is not told to use it; patience advice depends on whether early
+    stopping is on and fired (``stopped_early``; inferred from the history when None). Without
+    ``config`` the guide's generic remedies (:data:`REMEDIES`) are given.
     """
-    def _finding(kind: str, evidence: str, epochs: Sequence[int]) -> Finding:
-        return _make(kind, evidence, epochs, config)
-
     if not history:
         return []
+    cfg = _config_with_defaults(config) if config else None
+    fired = bool(stopped_early) if stopped_early is not None else bool(
+        cfg and _stopped_early(history, cfg))
+    last_lr = _f(history[-1].get("lr"))
+
+    def _finding(kind: str, evidence: str, epochs: Sequence[int]) -> Finding:
+        return Finding(kind, evidence, tuple(epochs), _remedies(kind, cfg, fired, last_lr))
+
     ep = [int(h["epoch"]) for h in history]
     tr = [_f(h.get("train_loss")) for h in history]
     va = [_f(h.get("val_loss")) for h in history]

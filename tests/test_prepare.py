@@ -1,0 +1,73 @@
+"""Device validation (``prepare.check_device`` / ``resolve_device``), tested by class."""
+
+import re
+
+import pytest
+import torch
+
+from advanced_training_utils import prepare
+from advanced_training_utils.config import TrainConfig
+from advanced_training_utils.prepare import check_device, resolve_device
+
+
+@pytest.fixture
+def no_accelerators(monkeypatch):
+    """A CPU-only machine: no CUDA, no MPS, no torch_xla (mocked at the hardware boundary)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(prepare, "_xla_available", lambda: False)
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("auto", "cpu"), ("cpu", "cpu"), (torch.device("cpu"), "cpu"),
+])
+def test_cpu_devices_are_accepted(no_accelerators, device, expected):
+    assert check_device(device) == str(device)
+    assert resolve_device(device) == torch.device(expected)
+    assert TrainConfig.from_options(device=device).device == str(device)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3"])
+def test_cuda_without_cuda_falls_back_to_cpu_with_a_warning(no_accelerators, device):
+    assert TrainConfig.from_options(device=device).device == device  # documented fallback
+    with pytest.warns(RuntimeWarning, match=f"device='{device}' but CUDA is not available"):
+        assert resolve_device(device) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("device, why", [
+    ("meta", "the meta device holds no data"),
+    ("xla", "torch_xla is not installed"),
+    ("mps", "MPS is not available"),
+    ("hpu", "not a device this package trains on"),
+    ("xpu", "not a device this package trains on"),
+    ("lazy", "not a device this package trains on"),
+    ("gpu", None), ("tpu", None), ("CPU", None), ("cuda:x", None), ("cuda:-1", None), ("", None),
+    ("cuda:0:1", None),
+])
+def test_unusable_devices_are_refused_up_front(no_accelerators, device, why):
+    match = re.escape(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}"
+                      + (f" ({why}" if why else ""))
+    for check in (check_device, resolve_device, lambda d: TrainConfig.from_options(device=d)):
+        with pytest.raises(ValueError, match=match):
+            check(device)
+
+
+def test_mps_and_xla_are_accepted_where_available(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(prepare, "_xla_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_device("mps") == "mps" and check_device("xla") == "xla"
+    assert resolve_device("mps") == torch.device("mps")
+    assert resolve_device("auto") == torch.device("mps")
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' "
+                       "or 'xla'; got 'meta'"):
+        check_device("meta")
+
+
+def test_cuda_index_must_name_a_present_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match=r"device 'cuda:2': this machine has 2 CUDA device\(s\) "
+                       r"\(cuda:0..cuda:1\)"):
+        TrainConfig.from_options(device="cuda:2")
