@@ -301,13 +301,16 @@ def test_sharded_sampler_deals_one_draw_among_the_ranks(kind, world, even):
 
 
 def test_sharded_sampler_leaves_the_users_rngs_and_generator_alone():
+    np = pytest.importorskip("numpy")
     g = torch.Generator().manual_seed(11)
     inner = RandomSampler(range(10), generator=g)
     g_state, t_state, p_state = g.get_state(), torch.get_rng_state(), random.getstate()
+    n_state = np.random.get_state()[1].copy()
     s = ShardedSampler(inner, num_replicas=2, rank=0, seed=1)
     first = list(s)
     assert inner.generator is g and torch.equal(g.get_state(), g_state)
     assert torch.equal(torch.get_rng_state(), t_state) and random.getstate() == p_state
+    assert (np.random.get_state()[1] == n_state).all()
     assert list(s) == first  # a function of (seed, epoch)
     s.set_epoch(1)
     assert list(s) != first

@@ -238,19 +238,23 @@ def _seeded(sampler: Any, seed: int) -> Iterator[None]:
     """Seed every RNG a sampler may draw from with ``seed``; restore them all afterwards."""
     np = sys.modules.get("numpy")
     py_state, np_state = random.getstate(), np.random.get_state() if np else None
-    has_gen = hasattr(sampler, "generator")
     own = getattr(sampler, "generator", None)
     with torch.random.fork_rng(devices=[]):  # the CPU generator only: CUDA streams untouched
         torch.default_generator.manual_seed(seed)
         random.seed(seed)
         if np is not None:
             np.random.seed(seed % 2**32)
-        if has_gen:
-            sampler.generator = torch.Generator().manual_seed(seed)
+        swapped = False
+        if hasattr(sampler, "generator"):
+            try:
+                sampler.generator = torch.Generator().manual_seed(seed)
+                swapped = True
+            except AttributeError:  # read-only: the ranks' digests tell if that matters
+                pass
         try:
             yield
         finally:
-            if has_gen:
+            if swapped:
                 sampler.generator = own
             random.setstate(py_state)
             if np is not None:
