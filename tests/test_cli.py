@@ -1,8 +1,17 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
+from advanced_training_utils.checkpoint import STEP_KEY, load_checkpoint
 from advanced_training_utils.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FAST = ["--quiet", "--epochs", "1", "--set", "per_piece=1", "--device", "cpu"]
 
@@ -386,3 +395,59 @@ def test_report_of_several_api_runs_needs_a_model_name(tmp_path, capsys):
     assert (ckpt / "b_report.png").is_file() and not (ckpt / "a_report.png").exists()
     assert main(["report", str(ckpt), "--model-name", "c"]) == 2
     assert "--model-name 'c': no c_metrics.jsonl in" in capsys.readouterr().err
+
+
+def _children() -> dict[int, list[int]]:
+    """ppid -> pids, from /proc."""
+    out: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            out.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree in /proc")
+def test_sigterm_to_the_ddp_launcher_preempts_torchrun_and_every_worker(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep
+               + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    p = subprocess.Popen([sys.executable, "-m", "advanced_training_utils", "train", "--task",
+                          "notes", "--preset", "fast", "--epochs", "100000", "--device", "cpu",
+                          "--quiet", "--nproc-per-node", "2", "--out", str(out)],
+                         env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    tree: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").stat().st_size:
+            assert p.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        kids = _children()
+        torchrun = kids.get(p.pid, [])
+        tree = torchrun + [w for t in torchrun for w in kids.get(t, [])]
+        assert len(tree) == 3, tree  # torchrun and its two workers
+        os.kill(p.pid, signal.SIGTERM)
+        rc = p.wait(timeout=90)
+        deadline = time.monotonic() + 30
+        while any(_alive(q) for q in tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [q for q in tree if _alive(q)], "torchrun or a worker outlived the launcher"
+        assert rc == 143
+        # a mid-epoch checkpoint: written by the preemption, not by an epoch's end
+        assert load_checkpoint(out / "checkpoints" / "notes_last.pt")[STEP_KEY] > 0
+    finally:
+        for q in [p.pid, *tree]:
+            if _alive(q):
+                os.kill(q, signal.SIGKILL)

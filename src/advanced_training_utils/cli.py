@@ -241,7 +241,20 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
-    """Re-run this command under ``torch.distributed.run`` with N processes per node."""
+    """Re-run this command under ``torch.distributed.run`` with N processes per node.
+
+    torchrun runs in a session of its own, so a terminal's Ctrl-C or a scheduler's SIGTERM
+    reaches this launcher alone, which forwards the first SIGTERM/SIGINT to torchrun; torchrun
+    passes it to every worker (each finishes its step, writes its preemption checkpoint and exits
+    with 128 + the signal number) and kills any worker still alive after its shutdown timeout
+    (30 s). Later signals are not forwarded: a second one would interrupt torchrun's shutdown
+    and leave the workers running without it.
+
+    Returns:
+        torchrun's exit code; after a forwarded signal, 128 + that signal's number (143 for
+        SIGTERM, 130 for SIGINT) when torchrun did not exit cleanly (it exits with 1 then).
+    """
+    import signal
     import subprocess
 
     rest, skip = [], False
@@ -258,7 +271,33 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={args.nproc_per_node}", "-m", "advanced_training_utils", *rest]
     log.info("launching: %s", " ".join(cmd))
-    return subprocess.call(cmd)
+    forwarded: list[int] = []
+    started: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        if forwarded:
+            log.warning("advtrain: signal %d: already stopping; waiting for the workers", signum)
+            return
+        forwarded.append(signum)
+        log.warning("advtrain: signal %d: stopping the workers (each writes a checkpoint)",
+                    signum)
+        if started and started[0].poll() is None:
+            started[0].send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        started.append(proc)
+        if forwarded:  # a signal came before torchrun existed
+            proc.send_signal(forwarded[0])
+        rc = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if started and started[0].poll() is None:  # leaving by an exception: stop torchrun
+            started[0].terminate()
+            started[0].wait()
+    return 128 + forwarded[0] if forwarded and rc != 0 else rc
 
 
 def _train(args: argparse.Namespace, argv: list[str]) -> int:

@@ -9,6 +9,10 @@ loaded nor run through the model, and the cost of resuming does not grow with th
 
 Other iterables (lists, generators, iterable-style datasets) are used as they are; resuming
 mid-epoch then skips the first batches by iterating past them (documented: it loads them).
+
+Under DDP each rank's order is a function of the seed and the epoch (``DistributedSampler`` or
+:class:`~.distributed.ShardedSampler`), so a mid-epoch resume regenerates it on each rank
+instead of replaying the recorded one (which is rank 0's).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from .distributed import order_is_per_epoch
 
 __all__ = ["EpochOrder", "ResumableLoader", "make_resumable"]
 
@@ -100,6 +106,14 @@ class ResumableLoader:
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
 
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch to the loader's sampler and batch sampler, where they take one."""
+        seen: list[Any] = []
+        for s in (self.sampler, getattr(self.original, "batch_sampler", None)):
+            if hasattr(s, "set_epoch") and not any(s is t for t in seen):
+                s.set_epoch(epoch)
+                seen.append(s)
+
     def __iter__(self) -> Iterator[Any]:
         it = iter(self.loader)
         skip, self._skip = self._skip, 0
@@ -107,7 +121,7 @@ class ResumableLoader:
 
     def start_epoch_at(self, order: dict[str, torch.Tensor] | None, start: int) -> None:
         """Begin the next iteration at batch ``start`` of ``order`` (a saved epoch order)."""
-        if self.order is not None and isinstance(self.sampler, DistributedSampler):
+        if self.order is not None and order_is_per_epoch(self.original):
             self.order.resume_at(None, start)  # each rank regenerates its own shard's order
         elif self.order is not None and order is not None:
             self.order.resume_at(EpochOrder.order_from_state(order), start)

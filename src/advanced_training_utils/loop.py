@@ -177,11 +177,13 @@ class EpochSums:
         return cls(device=device)
 
 
-def _forward(p: Parts, x: Any, y: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model and loss under autocast; a failure names the batch instead of a torch internal."""
+def _forward(p: Parts, x: Any, y: Any, where: str, model: torch.nn.Module | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model (``p.model`` unless given) and loss under autocast; a failure names the batch
+    instead of a torch internal."""
     try:
         with p.precision.autocast():
-            out = p.model(x)
+            out = (p.model if model is None else model)(x)
             loss = p.criterion(out, y)
     except torch.OutOfMemoryError:
         raise
@@ -256,7 +258,11 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
 
 @torch.no_grad()
 def evaluate(parts: Parts, loader: Iterable[Any]) -> EpochSums:
-    """Mean loss and metrics over ``loader`` in eval mode, under the same autocast."""
+    """Mean loss and metrics over ``loader`` in eval mode, under the same autocast.
+
+    Runs the unwrapped model (``parts.inner``): under DDP, evaluation makes no collective, so
+    ranks may hold validation shards of different lengths (the caller syncs buffers first).
+    """
     p = parts
     p.model.eval()
     sums = EpochSums.zeros(p.device)
@@ -265,7 +271,7 @@ def evaluate(parts: Parts, loader: Iterable[Any]) -> EpochSums:
     for batch in loader:
         x, y = split_batch(batch)
         x, y = _to(x, p.device), _to(y, p.device)
-        out, loss = _forward(p, x, y, f"validation batch {sums.batches}")
+        out, loss = _forward(p, x, y, f"validation batch {sums.batches}", p.inner)
         bs = _batch_size(y)
         sums.add(loss, bs)
         for name, fn in p.metrics.items():

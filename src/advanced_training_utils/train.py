@@ -278,8 +278,7 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
                 epoch_started = time.perf_counter()
                 sums = None
                 guard.reset_interval()
-            if hasattr(loader.sampler, "set_epoch"):
-                loader.sampler.set_epoch(epoch)
+            loader.set_epoch(epoch)
             if start_batch:
                 loader.start_epoch_at(resume_order, start_batch)
             batches = iter(loader)
@@ -312,8 +311,10 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
             found = None
             if tr.batches == 0:
                 raise ValueError("train_loader yielded no batch this epoch")
+            if val_loader is not None:
+                ctx.sync_buffers(model)  # evaluation runs without DDP (uneven val shards)
             va = evaluate(parts, val_loader) if val_loader is not None else None
-            if va is not None and va.examples == 0:
+            if va is not None and not ctx.any_host(va.examples > 0):
                 raise ValueError("val_loader is empty: it yielded no batch; pass val_loader=None "
                                  "to follow the training loss instead")
             steps = guard.interval_log()
