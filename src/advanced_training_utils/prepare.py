@@ -46,10 +46,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def infer_modality(x: torch.Tensor) -> str:
-    """The augmentation modality for an input batch, by shape.
+    """The augmentation modality an input batch's *shape* suggests: a guess, never applied.
 
     Rule: 3 or more dims (``[B, F, T]``, ``[B, C, F, T]``) -> ``'audio'``; 2 dims with 128
     columns (``[B, 128]``, MIDI pitches) -> ``'notes'``; other 2-dim inputs -> ``'emotion'``.
+    A shape cannot tell a note roll from a 128-dim embedding, or a mel from an image, and every
+    augmentation changes values (``'notes'`` clamps to [0, 1] and drops 10% of the entries), so
+    training never applies the guess: :func:`build_augment` only names it in its warning.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"cannot infer an augmentation for inputs of type {type(x).__name__}; "
@@ -88,17 +91,33 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
 
 def build_augment(cfg: TrainConfig, sample: Any, seed: int | None
                    ) -> tuple[Callable[[Any], Any] | None, DataAugmentation | None]:
+    """The training batches' augmentation: ``(function, augmenter with state)`` or Nones.
+
+    Augmentation runs only when ``use_augmentation=True`` *and* ``augment`` names the modality
+    (``'audio'``, ``'emotion'``, ``'notes'``) or is a callable. With ``augment=None`` nothing is
+    applied and a WARNING says so, naming the modality the input shape suggests: a guessed
+    modality is never applied, because every augmentation changes values and the shape cannot
+    tell what the data are (a ``[B, 128]`` regression input is not a note roll to clamp to
+    [0, 1]).
+    """
     if not cfg.use_augmentation:
         return None, None
     if callable(cfg.augment):
         return cfg.augment, None
-    modality = cfg.augment or infer_modality(sample)
     if cfg.augment is None:
-        log.info("use_augmentation: inputs shaped %s -> '%s' augmentation",
-                 tuple(sample.shape), modality)
+        try:
+            guess = f"; the input shape suggests augment={infer_modality(sample)!r}"
+        except (TypeError, ValueError):
+            guess = ""
+        shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
+        log.warning("use_augmentation=True but augment is not set: training WITHOUT "
+                    "augmentation (inputs %s%s). A modality is never guessed, since each one "
+                    "changes values; pass augment='audio'|'emotion'|'notes' or a callable, or "
+                    "use_augmentation=False", shape, guess)
+        return None, None
     aug = DataAugmentation(seed=seed)
     fn = {"audio": aug.augment_audio_features, "emotion": aug.augment_emotion_embedding,
-          "notes": aug.augment_note_probabilities}[modality]
+          "notes": aug.augment_note_probabilities}[cfg.augment]
     opts = dict(cfg.augment_options)
     return (lambda x: fn(x, **opts)), aug
 

@@ -91,7 +91,10 @@ def train_model_advanced(
             ``T_max`` (default: epochs), ``gamma``, ``step_size``, ``max_lr`` (default:
             learning_rate), ``warmup_steps``), ``gradient_clip`` (None: no clipping),
             ``use_mixed_precision`` with ``amp_dtype`` (None: float16 on CUDA, bfloat16 on
-            CPU), ``use_augmentation`` with ``augment`` and ``augment_options``,
+            CPU), ``use_augmentation`` with ``augment`` (``'audio'``, ``'emotion'``,
+            ``'notes'`` or a callable; required: with ``augment=None`` nothing is applied and a
+            warning is logged, since a modality is never guessed from the input shape) and
+            ``augment_options``,
             ``early_stop_patience``, ``min_delta``, ``check_stability`` with
             ``stability_every``, ``optimizer`` (an optimizer or a factory of the parameters;
             default fused AdamW with ``weight_decay``), ``accumulation_steps``, ``metrics``,
