@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .loop import split_batch
 
 __all__ = ["resolve_device", "infer_modality", "build_optimizer", "build_augment", "first_batch",
-           "check_labels", "check_inputs"]
+           "check_labels", "check_inputs", "loader_length"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,17 @@ def check_labels(criterion: Any, model: torch.nn.Module, x: Any, y: Any,
                          f"{int(valid.min())}..{int(valid.max())}")
 
 
+def loader_length(loader: Any) -> int | None:
+    """``len(loader)``, or None when it has no length: a DataLoader over an ``IterableDataset``
+    without ``__len__`` (whose ``len()`` raises ``TypeError``) or an iterable without one.
+    Such loaders train: no progress-bar total, accumulation reads one batch ahead, and
+    ``scheduler_type='onecycle'`` (which needs the steps per epoch) is refused."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
 def check_inputs(model: Any, train_loader: Any, val_loader: Any, criterion: Any) -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -171,8 +182,8 @@ def check_inputs(model: Any, train_loader: Any, val_loader: Any, criterion: Any)
     if iter(train_loader) is train_loader:
         raise TypeError("train_loader must be re-iterable once per epoch (a DataLoader, a list of "
                         "batches...), got a one-shot iterator/generator")
-    if hasattr(train_loader, "__len__") and len(train_loader) == 0:
+    if loader_length(train_loader) == 0:
         raise ValueError("train_loader is empty (len 0): nothing to train on")
-    if val_loader is not None and hasattr(val_loader, "__len__") and len(val_loader) == 0:
+    if val_loader is not None and loader_length(val_loader) == 0:
         raise ValueError("val_loader is empty (len 0); pass val_loader=None to follow the "
                          "training loss instead")

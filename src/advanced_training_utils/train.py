@@ -50,6 +50,7 @@ from .prepare import (
     check_labels,
     first_batch,
     infer_modality,
+    loader_length,
     resolve_device,
 )
 from .progress import Progress
@@ -159,7 +160,7 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
                       spike_factor=cfg.spike_factor if cfg.recovery else None,
                       spike_window=cfg.spike_window,
                       reduce_max=ctx.max_ if ctx.enabled else None)
-    n_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
+    n_batches = loader_length(train_loader)  # None: no length (an IterableDataset, say)
     steps_per_epoch = max(1, math.ceil(n_batches / cfg.accumulation_steps)) if n_batches else None
     sched = None
     if cfg.use_scheduler:
