@@ -1,5 +1,6 @@
 """The training loop against plain hand-written loops: accumulation windows weighted by example
-counts (short last batch, short last window), loaders with and without ``__len__``."""
+counts (short last batch, short last window), loaders with and without ``__len__``, and
+non-finite validation batches."""
 
 import logging
 import math
@@ -122,3 +123,38 @@ def test_loader_without_len_trains_and_onecycle_is_refused():
     with pytest.raises(ValueError, match="'onecycle' needs a train_loader with a length"):
         train_model_advanced(_model(), loader, None, MSE, epochs=1,
                              **{**QUIET, "use_scheduler": True, "scheduler_type": "onecycle"})
+
+
+class _NanOnEpoch:
+    """Validation batches; on the chosen pass, one batch's inputs are NaN."""
+
+    def __init__(self, x, y, bs, bad_pass, bad_batch):
+        self.x, self.y, self.bs, self.bad_pass, self.bad_batch = x, y, bs, bad_pass, bad_batch
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        for j, i in enumerate(range(0, len(self.x), self.bs)):
+            xb = self.x[i:i + self.bs]
+            if self.passes == self.bad_pass and j == self.bad_batch:
+                xb = torch.full_like(xb, math.nan)
+            yield xb, self.y[i:i + self.bs]
+
+
+def test_nonfinite_validation_batch_makes_val_loss_nan_and_is_never_best(caplog):
+    x, y = _data(64)
+    vx, vy = _data(32, seed=1)
+    vy[24:] += 50.0  # the last batch has a large loss: dropping it would flatter the epoch
+    val = _NanOnEpoch(vx, vy, 8, bad_pass=3, bad_batch=3)
+    with caplog.at_level(logging.WARNING, logger="advanced_training_utils"):
+        res = train_model_advanced(_model(), _loader("map", x, y, 8), val, MSE, epochs=4,
+                                   optimizer=_OPTIMIZERS["sgd"], **QUIET)
+    h = res["history"]
+    assert [e["nonfinite_val_examples"] for e in h] == [0, 0, 8, 0]
+    assert math.isnan(h[2]["val_loss"]) and not h[2]["improved"]
+    assert all(math.isfinite(e["val_loss"]) for e in (h[0], h[1], h[3]))
+    assert res["best_epoch"] != 3
+    assert res["best_val_loss"] == min(e["val_loss"] for e in (h[0], h[1], h[3]))
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING
+              and "non-finite loss" in r.getMessage()]
+    assert len(warned) == 1 and "epoch 3" in warned[0].getMessage()

@@ -353,9 +353,12 @@ def read_sums(train: EpochSums, val: EpochSums | None,
     up over ranks and the ``extra`` values are averaged, so every rank reads the same numbers.
 
     Returns:
-        ``train_loss`` and ``val_loss`` (mean over examples whose batch loss was finite; NaN when
-        none was), ``nonfinite_train_examples``, ``val_<metric>`` values and each ``extra`` key
-        as a float (None values read as 0.0).
+        ``train_loss`` (mean over examples whose batch loss was finite: those steps were skipped;
+        NaN when none was) and ``nonfinite_train_examples``; with ``val``: ``val_loss``, NaN
+        when any validation batch's loss was non-finite (a mean over the other batches would
+        judge the model on part of the data, and pick a best epoch on it) and
+        ``nonfinite_val_examples``, and the ``val_<metric>`` values; each ``extra`` key as a
+        float (None values read as 0.0).
     """
     device = train.device
     names = list(val.metrics) if val is not None else []
@@ -378,7 +381,9 @@ def read_sums(train: EpochSums, val: EpochSums | None,
     out["nonfinite_train_examples"] = int(round(host[2] - host[1]))
     k = 3
     if val is not None:
-        out["val_loss"] = host[3] / host[4] if host[4] else float("nan")
+        out["nonfinite_val_examples"] = int(round(host[5] - host[4]))
+        out["val_loss"] = (host[3] / host[4] if host[4] and not out["nonfinite_val_examples"]
+                           else float("nan"))
         for j, n in enumerate(names):
             out[f"val_{n}"] = host[6 + j] / host[5] if host[5] else float("nan")
         k = 6 + len(names)

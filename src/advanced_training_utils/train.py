@@ -327,6 +327,10 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
                 "consecutive_bad": guard.consecutive(),
                 **_loss_levels(steps),
             }, reduce_sum=ctx.sum_ if ctx.enabled else None, world_size=ctx.world_size)
+            if nums.get("nonfinite_val_examples"):
+                log.warning("epoch %d: %d validation example(s) gave a non-finite loss: val_loss "
+                            "is NaN and this epoch cannot be the best", epoch,
+                            nums["nonfinite_val_examples"])
             skipped, spikes = round(nums.pop("skipped_steps")), round(nums.pop("spike_steps"))
             consecutive = nums.pop("consecutive_bad")
             guard.total_skipped += skipped
@@ -379,6 +383,8 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
                 "skipped_steps": skipped,
                 "spike_steps": spikes,
                 "nonfinite_train_examples": nums["nonfinite_train_examples"],
+                **({"nonfinite_val_examples": nums["nonfinite_val_examples"]}
+                   if "nonfinite_val_examples" in nums else {}),
                 "rollbacks": recovery.rollbacks,
                 "seconds": time.perf_counter() - epoch_started,
                 "improved": improved,
