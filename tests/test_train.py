@@ -245,6 +245,34 @@ def test_modality_rule(shape, modality):
     assert infer_modality(torch.zeros(shape)) == modality
 
 
+@pytest.mark.parametrize("features", [(128,), (3,), (4, 16)])
+def test_augmentation_is_never_guessed_from_the_shape(features, caplog):
+    """use_augmentation=True without augment=: the same weights as no augmentation and a
+    WARNING; [B, 128] real-valued inputs are not clamped to [0, 1] as note probabilities."""
+    g = torch.Generator().manual_seed(0)
+    x = 5 * torch.randn(64, *features, generator=g)
+    y = x.flatten(1)[:, :2].tanh()
+    tl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    mse = torch.nn.MSELoss()
+
+    def run(**kw):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x[0].numel(), 2))
+        train_model_advanced(model, tl, None, mse, epochs=2, seed=0, use_scheduler=False,
+                             restore_best_weights=False, **QUIET, **kw)
+        return model.state_dict()
+
+    plain = run(use_augmentation=False)
+    with caplog.at_level("WARNING", logger="advanced_training_utils"):
+        asked = run(use_augmentation=True)
+    assert all(torch.equal(plain[k], asked[k]) for k in plain)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+              and "training WITHOUT augmentation" in r.getMessage()]
+    assert len(warned) == 1 and f"augment={infer_modality(x)!r}" in warned[0]
+    explicit = run(use_augmentation=True, augment=infer_modality(x))
+    assert not all(torch.equal(plain[k], explicit[k]) for k in plain)  # applied when named
+
+
 def test_stability_checks_every_n_and_on_nonfinite():
     tl, vl = make_loaders(n=64, batch_size=16)
     res = train_model_advanced(make_model(1), tl, vl, CE, epochs=4, check_stability=True,

@@ -1,13 +1,25 @@
 """The one place that decides whether an optimizer step is taken.
 
 A step is *bad* when the loss or the (unscaled) gradient norm is NaN or Inf, or, with
-``spike_factor=k``, when the loss exceeds ``k`` times the 90th percentile of the recent good
-losses (the last ``spike_window`` steps; the threshold is refreshed every ``_REFRESH`` steps once
-half the window is filled; this assumes positive losses, as cross-entropy and MSE are). A high
-percentile rather than the median: late in training a cross-entropy median can be 0.02 while an
-ordinary hard batch scores 0.5, and that batch must not count as a spike. A bad step is not
-applied: parameters, optimizer state, the scheduler and (fp16) the scaler's growth are left
-alone, and the step is counted.
+``spike_factor=k``, when the loss is a spike:
+
+    loss > low + k * max(high - low, floor)
+
+where ``low`` and ``high`` are the 10th and 90th percentiles of the recent good losses (the last
+``spike_window`` steps; nearest-rank, so they are losses that occurred: ``low`` rounds down and
+``high`` up), and ``floor`` is 1/64 of the largest ``high - low`` seen in the run. The threshold
+is refreshed every ``_REFRESH`` steps once half the window is filled.
+
+The rule is invariant under shifting and (positive) scaling of the loss: a loss ``s * L + c``
+gets the same decisions as ``L``, so negative losses (-cosine similarity, -CCC) and losses
+that sit at 0 work like positive ones. For losses that approach 0 from above (cross-entropy,
+MSE), ``low`` is near 0 and the rule is about ``k`` x the 90th percentile: late in training a
+cross-entropy median can be 0.02 while an ordinary hard batch scores 0.5, and that batch must not
+count as a spike. A history with no spread (a loss constant at 0, say) gives no scale to judge
+by: no step is a spike then. The floor keeps a loss that has become almost flat (one fixed batch,
+full-batch training) from calling every small wobble a spike. A bad step is not applied:
+parameters, optimizer state, the scheduler and (fp16) the scaler's growth are left alone, and
+the step is counted.
 
 How the skip is applied without reading the device on the host: optimizers that support AMP
 scaling natively (torch's fused Adam, AdamW, SGD, Adagrad: ``_step_supports_amp_scaling``) take a
@@ -37,6 +49,7 @@ from ._validate import check_int, check_real
 __all__ = ["StepGuard"]
 
 _REFRESH = 8  # steps between refreshes of the spike threshold
+_FLOOR = 1 / 64  # the spread's floor, as a fraction of the largest spread seen in the run
 
 
 class StepGuard:
@@ -45,9 +58,9 @@ class StepGuard:
     Args:
         optimizer: the optimizer whose steps are guarded.
         enabled: False applies every step (no skipping at all).
-        spike_factor: treat a loss above ``spike_factor`` x the 90th percentile of the recent good
-            losses as bad (None: off).
-        spike_window: how many recent steps the percentile is taken over (good steps only).
+        spike_factor: ``k``: treat a loss above ``low + k * spread`` of the recent good losses
+            as bad (see the module docstring; None: off).
+        spike_window: how many recent steps the percentiles are taken over (good steps only).
         reduce_max: under DDP, an in-place all-reduce MAX so every rank skips the same steps.
 
     Attributes:
@@ -70,6 +83,7 @@ class StepGuard:
         self._recent: collections.deque[tuple[torch.Tensor, torch.Tensor]] = collections.deque(
             maxlen=self.spike_window)
         self._threshold: torch.Tensor | None = None
+        self._spread_max: torch.Tensor | None = None  # largest high - low seen (for the floor)
         self._consec: torch.Tensor | None = None   # bad run carried over from earlier intervals
         self.reset_interval()
 
@@ -94,18 +108,30 @@ class StepGuard:
         return bad
 
     def _refresh_threshold(self, device: torch.device) -> None:
-        """``spike_factor`` x the 90th percentile of the recent good losses (half a window at
-        least)."""
+        """``low + k * max(high - low, floor)`` over the recent good losses (half a window at
+        least); +inf when they have no spread. Device ops only (no host read)."""
         if len(self._recent) < (self.spike_window + 1) // 2:
             return
-        losses = torch.stack([x for x, _ in self._recent])
+        # float64 so that shifted and scaled losses give the same decisions (not on MPS).
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        losses = torch.stack([x for x, _ in self._recent]).to(dtype)
         bad = torch.stack([b for _, b in self._recent])
         good = torch.where(bad, torch.full_like(losses, math.nan), losses)
-        q90 = torch.nanquantile(good, 0.9)
+        low = torch.nanquantile(good, 0.1, interpolation="lower")
+        high = torch.nanquantile(good, 0.9, interpolation="higher")
+        spread = high - low                      # NaN when every recent step was bad
+        if self._spread_max is not None:
+            spread_max = torch.fmax(self._spread_max.to(spread), spread)
+        else:
+            spread_max = spread
+        width = torch.maximum(spread, spread_max * _FLOOR)
+        new = torch.where(width > 0, low + self.spike_factor * width,
+                          torch.full_like(width, math.inf))
         # All recent steps bad (NaN): keep the previous threshold.
-        new = self.spike_factor * q90
-        self._threshold = new if self._threshold is None else torch.where(
-            torch.isnan(new), self._threshold, new)
+        if self._threshold is not None:
+            new = torch.where(torch.isnan(spread), self._threshold.to(new), new)
+        self._threshold = new
+        self._spread_max = spread_max
 
     def step(self, bad: torch.Tensor) -> bool | None:
         """Apply the optimizer step unless ``bad``.
@@ -173,6 +199,7 @@ class StepGuard:
         return {
             "total_skipped": self.total_skipped, "total_spikes": self.total_spikes,
             "count": self._count, "threshold": cpu(self._threshold),
+            "spread_max": cpu(self._spread_max),
             "recent": None if not self._recent else torch.stack(
                 [torch.stack([x, b.float()]) for x, b in self._recent]).cpu(),
             "steps": cpu(self.interval_log()), "consec": cpu(self._consec),
@@ -186,6 +213,8 @@ class StepGuard:
         self._count = int(state.get("count", 0))
         thr = state.get("threshold")
         self._threshold = None if thr is None else thr.to(dev)
+        spread = state.get("spread_max")
+        self._spread_max = None if spread is None else spread.to(dev)
         self._recent.clear()
         if state.get("recent") is not None:
             for row in state["recent"].to(dev).unbind(0):

@@ -7,7 +7,8 @@ them once at the end of the epoch with :func:`read_sums`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +22,11 @@ from .scheduler import LearningRateScheduler
 __all__ = ["Parts", "split_batch", "train_epoch", "evaluate", "read_sums", "accuracy",
            "resolve_metrics"]
 
+log = logging.getLogger(__name__)
+
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _NULL = contextlib.nullcontext()
+_END = object()  # end of a loader, for the one-batch look-ahead
 
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -197,6 +201,43 @@ def _forward(p: Parts, x: Any, y: Any, where: str, model: torch.nn.Module | None
     return out, loss
 
 
+@dataclass
+class _Window:
+    """One accumulation window: its micro-batches' weighted losses and example counts.
+
+    ``planned`` is the example count the loss weights assume (the first micro-batch's size times
+    the micro-batches expected in the window); each micro-batch's loss is divided by
+    ``planned / size``. When the window closes with another count (a short last batch, fewer
+    batches than expected), the gradients are rescaled by ``planned / examples`` once.
+    """
+
+    planned: int
+    examples: int = 0
+    batches: int = 0
+    loss: torch.Tensor | None = None
+
+    def add(self, part: torch.Tensor, size: int) -> None:
+        self.loss = part if self.loss is None else self.loss + part
+        self.examples += size
+        self.batches += 1
+
+
+def _marked(loader: Iterable[Any], start: int, n_batches: int | None, accum: int
+            ) -> Iterator[tuple[int, Any, bool]]:
+    """``(index, batch, is_last)``. Without a length (and with accumulation) the loader is read
+    one batch ahead to know which batch is the last: the last partial window must step."""
+    if n_batches is not None or accum == 1:
+        for i, batch in enumerate(loader, start=start):
+            yield i, batch, n_batches is not None and i == n_batches - 1
+        return
+    it = iter(loader)
+    cur, i = next(it, _END), start
+    while cur is not _END:
+        nxt = next(it, _END)
+        yield i, cur, nxt is _END
+        cur, i = nxt, i + 1
+
+
 def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = None,
                 start: int = 0, n_batches: int | None = None,
                 after_step: Callable[[int, EpochSums], None] | None = None,
@@ -204,11 +245,22 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
                 epoch: int = 0) -> EpochSums:
     """Train over ``loader`` once (from batch ``start`` when resuming mid-epoch).
 
-    Per batch: augment (train only) -> autocast forward -> loss / window -> scaled backward; at
+    Per batch: augment (train only) -> autocast forward -> weighted loss -> scaled backward; at
     each accumulation boundary: unscale -> clip -> guard (step or skip) -> scaler update ->
     per-batch scheduler step -> ``after_step(batches_done, sums)`` (checkpoints, preemption,
     recovery checks). Gradients are zeroed at the start of each accumulation window, so the last
     step's gradients are still there after the epoch (for stability checks).
+
+    Gradient accumulation: a window is ``accumulation_steps`` micro-batches, or fewer at the end
+    of the epoch (the last partial window steps too, with or without a loader length; without
+    one the loader is read one batch ahead). Each micro-batch's loss is weighted by its number of
+    examples (first dimension of the targets) over the window's total, so a window's gradient is
+    that of one batch of all its examples, short last batch included. This assumes the
+    criterion returns the mean over the batch's examples (torch's default ``reduction='mean'``);
+    a ``reduction='sum'`` loss is weighted the same way (its window gradient is then the
+    example-weighted mean of the micro-batch sums, not the sum over the window), and a loss
+    averaged over tokens or pixels is weighted by examples, not tokens: use a per-example mean
+    for exact equivalence with one big batch.
 
     Returns:
         The epoch's device-side sums (see :class:`EpochSums`).
@@ -217,43 +269,61 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
     p.model.train()
     sums = sums if sums is not None else EpochSums.zeros(p.device)
     accum = p.accumulation_steps
-    window, window_loss = accum, None
-    for i, batch in enumerate(loader, start=start):
+    w: _Window | None = None
+    i = start - 1
+    for i, batch, last in _marked(loader, start, n_batches, accum):
         x, y = split_batch(batch)
         x, y = _to(x, p.device), _to(y, p.device)
         if p.augment is not None:
             x = p.augment(x)
-        in_window = i % accum
-        if in_window == 0:
+        size = _batch_size(y)
+        if w is None:
             p.optimizer.zero_grad(set_to_none=True)
-            # Micro-batches in this window: the last window may be short.
-            window = accum if n_batches is None else min(accum, n_batches - i)
-            window_loss = None
-        with p.sync_context(boundary=in_window == window - 1):
+            expected = accum if n_batches is None or i >= n_batches else min(accum, n_batches - i)
+            w = _Window(planned=size * expected)
+        closes = last or w.batches + 1 == accum
+        divisor = w.planned / size  # 1: nothing to weight (no kernel, no autograd node)
+        with p.sync_context(boundary=closes):
             out, loss = _forward(p, x, y, f"epoch {epoch}, batch {i}")
-            # No division (a kernel and an autograd node) when there is nothing to average.
-            p.precision.scale_loss(loss if window == 1 else loss / window).backward()
+            p.precision.scale_loss(loss if divisor == 1 else loss / divisor).backward()
         ld = loss.detach()
-        sums.add(ld, _batch_size(y))
-        part = ld if window == 1 else ld / window
-        window_loss = part if window_loss is None else window_loss + part
-        if in_window == window - 1:
-            p.precision.unscale_(p.optimizer)
-            norm = p.clipper.clip(p.inner)
-            bad = p.guard.is_bad(window_loss, norm)
-            stepped = p.guard.step(bad)
-            p.precision.update()
-            sums.optimizer_steps += 1
-            if p.scheduler is not None and p.scheduler.interval == "batch":
-                if stepped is None:
-                    stepped = not bool(bad)  # host read: the schedule must not advance on a skip
-                if stepped:
-                    p.scheduler.step()
-            if after_step is not None:
-                after_step(i + 1, sums)
+        sums.add(ld, size)
+        w.add(ld if divisor == 1 else ld / divisor, size)
+        if closes:
+            _close_window(p, w, sums, i + 1, after_step)
+            w = None
         if progress is not None:
             progress(sums, i)
+    if w is not None:  # the loader's len() was wrong: the open window steps now
+        log.warning("train_loader yielded %d batches but its len() is %s; the last partial "
+                    "accumulation window stepped at the end", i + 1, n_batches)
+        _close_window(p, w, sums, i + 1, after_step)
     return sums
+
+
+def _close_window(p: Parts, w: _Window, sums: EpochSums, done: int,
+                  after_step: Callable[[int, EpochSums], None] | None) -> None:
+    """The optimizer step at the end of an accumulation window (skipped by the guard if bad)."""
+    p.precision.unscale_(p.optimizer)
+    loss = w.loss
+    if w.examples != w.planned:  # rare: a short batch or window; weights become size / examples
+        factor = w.planned / w.examples
+        for q in p.inner.parameters():
+            if q.grad is not None:
+                q.grad.mul_(factor)
+        loss = loss * factor
+    norm = p.clipper.clip(p.inner)
+    bad = p.guard.is_bad(loss, norm)
+    stepped = p.guard.step(bad)
+    p.precision.update()
+    sums.optimizer_steps += 1
+    if p.scheduler is not None and p.scheduler.interval == "batch":
+        if stepped is None:
+            stepped = not bool(bad)  # host read: the schedule must not advance on a skip
+        if stepped:
+            p.scheduler.step()
+    if after_step is not None:
+        after_step(done, sums)
 
 
 @torch.no_grad()
@@ -289,9 +359,12 @@ def read_sums(train: EpochSums, val: EpochSums | None,
     up over ranks and the ``extra`` values are averaged, so every rank reads the same numbers.
 
     Returns:
-        ``train_loss`` and ``val_loss`` (mean over examples whose batch loss was finite; NaN when
-        none was), ``nonfinite_train_examples``, ``val_<metric>`` values and each ``extra`` key
-        as a float (None values read as 0.0).
+        ``train_loss`` (mean over examples whose batch loss was finite: those steps were skipped;
+        NaN when none was) and ``nonfinite_train_examples``; with ``val``: ``val_loss``, NaN
+        when any validation batch's loss was non-finite (a mean over the other batches would
+        judge the model on part of the data, and pick a best epoch on it) and
+        ``nonfinite_val_examples``, and the ``val_<metric>`` values; each ``extra`` key as a
+        float (None values read as 0.0).
     """
     device = train.device
     names = list(val.metrics) if val is not None else []
@@ -314,7 +387,9 @@ def read_sums(train: EpochSums, val: EpochSums | None,
     out["nonfinite_train_examples"] = int(round(host[2] - host[1]))
     k = 3
     if val is not None:
-        out["val_loss"] = host[3] / host[4] if host[4] else float("nan")
+        out["nonfinite_val_examples"] = int(round(host[5] - host[4]))
+        out["val_loss"] = (host[3] / host[4] if host[4] and not out["nonfinite_val_examples"]
+                           else float("nan"))
         for j, n in enumerate(names):
             out[f"val_{n}"] = host[6 + j] / host[5] if host[5] else float("nan")
         k = 6 + len(names)

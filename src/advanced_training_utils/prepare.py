@@ -19,8 +19,8 @@ from .augmentation import DataAugmentation
 from .config import TrainConfig
 from .loop import split_batch
 
-__all__ = ["check_device", "resolve_device", "infer_modality", "build_optimizer", "build_augment", "first_batch",
-           "check_labels", "check_inputs"]
+__all__ = ["check_device", "resolve_device", "infer_modality", "build_optimizer",
+           "build_augment", "first_batch", "check_labels", "check_inputs", "loader_length"]
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def infer_modality(x: torch.Tensor) -> str:
-    """The augmentation modality for an input batch, by shape.
+    """The augmentation modality an input batch's *shape* suggests: a guess, never applied.
 
     Rule: 3 or more dims (``[B, F, T]``, ``[B, C, F, T]``) -> ``'audio'``; 2 dims with 128
     columns (``[B, 128]``, MIDI pitches) -> ``'notes'``; other 2-dim inputs -> ``'emotion'``.
+    A shape cannot tell a note roll from a 128-dim embedding, or a mel from an image, and every
+    augmentation changes values (``'notes'`` clamps to [0, 1] and drops 10% of the entries), so
+    training never applies the guess: :func:`build_augment` only names it in its warning.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"cannot infer an augmentation for inputs of type {type(x).__name__}; "
@@ -133,17 +136,33 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
 
 def build_augment(cfg: TrainConfig, sample: Any, seed: int | None
                    ) -> tuple[Callable[[Any], Any] | None, DataAugmentation | None]:
+    """The training batches' augmentation: ``(function, augmenter with state)`` or Nones.
+
+    Augmentation runs only when ``use_augmentation=True`` *and* ``augment`` names the modality
+    (``'audio'``, ``'emotion'``, ``'notes'``) or is a callable. With ``augment=None`` nothing is
+    applied and a WARNING says so, naming the modality the input shape suggests: a guessed
+    modality is never applied, because every augmentation changes values and the shape cannot
+    tell what the data are (a ``[B, 128]`` regression input is not a note roll to clamp to
+    [0, 1]).
+    """
     if not cfg.use_augmentation:
         return None, None
     if callable(cfg.augment):
         return cfg.augment, None
-    modality = cfg.augment or infer_modality(sample)
     if cfg.augment is None:
-        log.info("use_augmentation: inputs shaped %s -> '%s' augmentation",
-                 tuple(sample.shape), modality)
+        try:
+            guess = f"; the input shape suggests augment={infer_modality(sample)!r}"
+        except (TypeError, ValueError):
+            guess = ""
+        shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
+        log.warning("use_augmentation=True but augment is not set: training WITHOUT "
+                    "augmentation (inputs %s%s). A modality is never guessed, since each one "
+                    "changes values; pass augment='audio'|'emotion'|'notes' or a callable, or "
+                    "use_augmentation=False", shape, guess)
+        return None, None
     aug = DataAugmentation(seed=seed)
     fn = {"audio": aug.augment_audio_features, "emotion": aug.augment_emotion_embedding,
-          "notes": aug.augment_note_probabilities}[modality]
+          "notes": aug.augment_note_probabilities}[cfg.augment]
     opts = dict(cfg.augment_options)
     return (lambda x: fn(x, **opts)), aug
 
@@ -184,6 +203,17 @@ def check_labels(criterion: Any, model: torch.nn.Module, x: Any, y: Any,
                          f"{int(valid.min())}..{int(valid.max())}")
 
 
+def loader_length(loader: Any) -> int | None:
+    """``len(loader)``, or None when it has no length: a DataLoader over an ``IterableDataset``
+    without ``__len__`` (whose ``len()`` raises ``TypeError``) or an iterable without one.
+    Such loaders train: no progress-bar total, accumulation reads one batch ahead, and
+    ``scheduler_type='onecycle'`` (which needs the steps per epoch) is refused."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
 def check_inputs(model: Any, train_loader: Any, val_loader: Any, criterion: Any) -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -197,8 +227,8 @@ def check_inputs(model: Any, train_loader: Any, val_loader: Any, criterion: Any)
     if iter(train_loader) is train_loader:
         raise TypeError("train_loader must be re-iterable once per epoch (a DataLoader, a list of "
                         "batches...), got a one-shot iterator/generator")
-    if hasattr(train_loader, "__len__") and len(train_loader) == 0:
+    if loader_length(train_loader) == 0:
         raise ValueError("train_loader is empty (len 0): nothing to train on")
-    if val_loader is not None and hasattr(val_loader, "__len__") and len(val_loader) == 0:
+    if val_loader is not None and loader_length(val_loader) == 0:
         raise ValueError("val_loader is empty (len 0); pass val_loader=None to follow the "
                          "training loss instead")

@@ -20,10 +20,12 @@ TASK_OPTIONS: dict[str, dict[str, Any]] = {
     "notes": {"batch_size": 64},
 }
 
-#: Training defaults per task (a preset, a config file and --set override them).
+#: Training defaults per task (a preset, a config file and --set override them). ``augment``
+#: names each task's input modality (mels; emotion embeddings): it is used when a preset turns
+#: ``use_augmentation`` on, since a modality is never guessed from the input shape.
 TASK_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "emotion": {"epochs": 20, "learning_rate": 3e-3, "metrics": "accuracy"},
-    "notes": {"epochs": 30, "learning_rate": 2e-3},
+    "emotion": {"epochs": 20, "learning_rate": 3e-3, "metrics": "accuracy", "augment": "audio"},
+    "notes": {"epochs": 30, "learning_rate": 2e-3, "augment": "emotion"},
 }
 
 TASKS = tuple(TASK_OPTIONS)

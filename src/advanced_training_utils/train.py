@@ -50,6 +50,7 @@ from .prepare import (
     check_labels,
     first_batch,
     infer_modality,
+    loader_length,
     resolve_device,
 )
 from .progress import Progress
@@ -91,7 +92,10 @@ def train_model_advanced(
             ``T_max`` (default: epochs), ``gamma``, ``step_size``, ``max_lr`` (default:
             learning_rate), ``warmup_steps``), ``gradient_clip`` (None: no clipping),
             ``use_mixed_precision`` with ``amp_dtype`` (None: float16 on CUDA, bfloat16 on
-            CPU), ``use_augmentation`` with ``augment`` and ``augment_options``,
+            CPU), ``use_augmentation`` with ``augment`` (``'audio'``, ``'emotion'``,
+            ``'notes'`` or a callable; required: with ``augment=None`` nothing is applied and a
+            warning is logged, since a modality is never guessed from the input shape) and
+            ``augment_options``,
             ``early_stop_patience``, ``min_delta``, ``check_stability`` with
             ``stability_every``, ``optimizer`` (an optimizer or a factory of the parameters;
             default fused AdamW with ``weight_decay``), ``accumulation_steps``, ``metrics``,
@@ -156,7 +160,7 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
                       spike_factor=cfg.spike_factor if cfg.recovery else None,
                       spike_window=cfg.spike_window,
                       reduce_max=ctx.max_ if ctx.enabled else None)
-    n_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
+    n_batches = loader_length(train_loader)  # None: no length (an IterableDataset, say)
     steps_per_epoch = max(1, math.ceil(n_batches / cfg.accumulation_steps)) if n_batches else None
     sched = None
     if cfg.use_scheduler:
@@ -324,6 +328,10 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
                 "consecutive_bad": guard.consecutive(),
                 **_loss_levels(steps),
             }, reduce_sum=ctx.sum_ if ctx.enabled else None, world_size=ctx.world_size)
+            if nums.get("nonfinite_val_examples"):
+                log.warning("epoch %d: %d validation example(s) gave a non-finite loss: val_loss "
+                            "is NaN and this epoch cannot be the best", epoch,
+                            nums["nonfinite_val_examples"])
             skipped, spikes = round(nums.pop("skipped_steps")), round(nums.pop("spike_steps"))
             consecutive = nums.pop("consecutive_bad")
             guard.total_skipped += skipped
@@ -376,6 +384,8 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
                 "skipped_steps": skipped,
                 "spike_steps": spikes,
                 "nonfinite_train_examples": nums["nonfinite_train_examples"],
+                **({"nonfinite_val_examples": nums["nonfinite_val_examples"]}
+                   if "nonfinite_val_examples" in nums else {}),
                 "rollbacks": recovery.rollbacks,
                 "seconds": time.perf_counter() - epoch_started,
                 "improved": improved,
