@@ -451,3 +451,52 @@ def test_sigterm_to_the_ddp_launcher_preempts_torchrun_and_every_worker(tmp_path
         for q in [p.pid, *tree]:
             if _alive(q):
                 os.kill(q, signal.SIGKILL)
+
+
+# ---- --version and --help (defaults and an example for every command)
+
+def _subparsers():
+    import argparse
+
+    from advanced_training_utils.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_version_prints_the_package_version(capsys):
+    import advanced_training_utils
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"advtrain {advanced_training_utils.__version__}\n"
+
+
+def test_every_command_is_checked_by_the_help_test():
+    assert set(_subparsers()) >= {"train", "report", "presets"}
+
+
+@pytest.mark.parametrize("command", [None, *_subparsers()])
+def test_help_shows_an_example_and_every_default(command, capsys):
+    import argparse
+
+    argv = ["--help"] if command is None else [command, "--help"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "Example" in out and ("advtrain " + (command or "train")) in out.split("Example")[1]
+    if command is None:
+        return
+    flat = " ".join(out.split())  # help lines are wrapped
+    for action in _subparsers()[command]._actions:
+        if (not action.option_strings or action.default is argparse.SUPPRESS
+                or action.nargs == 0):
+            continue  # positionals, --help, on/off flags (off unless given)
+        d = action.default
+        if d is None or d is False or d == []:
+            # the value then comes from elsewhere (a config, the task): the help says which
+            assert "(default: " in action.help, action.option_strings
+        else:
+            assert f"(default: {d})" in flat, (action.option_strings, d)

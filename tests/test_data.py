@@ -117,3 +117,32 @@ def test_notes_dataset():
     assert torch.allclose(d["roll"][four_four].mean(1), d["notes"][four_four])
     for m in d["melody"].unique()[:50]:
         assert len(d["split"][d["melody"] == m].unique()) == 1
+
+
+@pytest.mark.parametrize("advtrain, xdg, expected", [
+    ("/a/own", "/x/xdg", "/a/own"),                                  # $ADVTRAIN_CACHE wins
+    (None, "/x/xdg", "/x/xdg/advanced-training-utils"),              # then $XDG_CACHE_HOME
+    ("", "/x/xdg", "/x/xdg/advanced-training-utils"),                # empty counts as unset
+    (None, None, "HOME/.cache/advanced-training-utils"),             # then ~/.cache
+    (None, "", "HOME/.cache/advanced-training-utils"),               # XDG: empty is ignored
+    (None, "rel/xdg", "HOME/.cache/advanced-training-utils"),        # XDG: relative is ignored
+])
+def test_cache_dir_precedence(monkeypatch, tmp_path, advtrain, xdg, expected):
+    from pathlib import Path
+
+    from advanced_training_utils.data.datasets import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name, value in (("ADVTRAIN_CACHE", advtrain), ("XDG_CACHE_HOME", xdg)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert cache_dir() == Path(expected.replace("HOME", str(tmp_path)))
+
+
+def test_dataset_cache_is_written_under_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("ADVTRAIN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    emotion_dataset(seed=3, per_piece=1)
+    assert list((tmp_path / "advanced-training-utils").glob("emotion-*.pt"))

@@ -3,6 +3,7 @@
 This module only re-exports the public API; each name lives in a module of its own.
 """
 
+from . import _version
 from .augmentation import SPECAUGMENT_POLICIES, DataAugmentation
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clipping import GradientClipper
@@ -14,7 +15,8 @@ from .scheduler import SCHEDULER_TYPES, LearningRateScheduler
 from .stability import TrainingStability
 from .train import train_model_advanced
 
-__version__ = "0.1.0"
+#: The installed version (package metadata), ``"0+unknown"`` when run from an uninstalled tree.
+__version__ = _version.package_version()
 
 __all__ = [
     "PRESETS",

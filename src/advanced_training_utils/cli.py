@@ -5,6 +5,9 @@
                    [--set key=value ...] [--nproc-per-node N]
     advtrain report DIR [--model-name NAME]
     advtrain presets
+    advtrain --version
+
+``advtrain COMMAND --help`` shows each option's default and an example.
 
 Options are layered, later wins: the task's defaults, the preset, the YAML config file, ``--set``,
 then the explicit flags (``--epochs``, ``--seed``, ``--device``). ``seed`` follows the same rule
@@ -62,35 +65,94 @@ class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` to an option's help and keeps the epilog's line breaks. A default
+    of None, False (a flag) or ``[]`` is not shown: the option's help says what applies then."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+_EPILOG = """\
+Examples:
+  advtrain train --task emotion --preset stable --out runs/emotion
+  advtrain report runs/emotion
+  advtrain presets
+
+Run 'advtrain COMMAND --help' for the options of each command and their defaults."""
+
+_TRAIN_EPILOG = """\
+Examples:
+  advtrain train --task emotion --preset stable --out runs/emotion
+  advtrain train --task notes --epochs 5 --set learning_rate=1e-3 --set batch_size=128 \\
+                 --out runs/notes
+  advtrain train --task emotion --config my.yaml --out runs/emotion --resume
+
+Options layer, later wins: the task's defaults, the preset, --config, --set, then --epochs,
+--seed and --device."""
+
+_REPORT_EPILOG = """\
+Examples:
+  advtrain report runs/emotion                   # a run directory of advtrain train
+  advtrain report ckpts --model-name classifier  # a checkpoint_dir of train_model_advanced"""
+
+_PRESETS_EPILOG = """\
+Example:
+  advtrain presets
+  advtrain train --preset fast --out runs/fast   # then train with one of them"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .tasks import TASKS
+    """The ``advtrain`` parser: ``--version``, and the ``train``, ``report`` and ``presets``
+    commands, each with its defaults and an example in ``--help``."""
+    from ._version import package_version
+    from .tasks import TASK_TRAIN_DEFAULTS, TASKS
 
     p = argparse.ArgumentParser(prog="advtrain", description="Train and inspect the built-in "
-                                "audio-emotion and emotion-to-notes tasks.")
+                                "audio-emotion and emotion-to-notes tasks.",
+                                epilog=_EPILOG, formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"advtrain {package_version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a built-in task into a run directory")
-    t.add_argument("--task", choices=TASKS, default="emotion")
+    t = sub.add_parser("train", help="train a built-in task into a run directory",
+                       description="Train a built-in task into a run directory:\ncheckpoints/, "
+                       "metrics.jsonl, summary.json, report.png, diagnosis.txt.",
+                       epilog=_TRAIN_EPILOG, formatter_class=_HelpFormatter)
+    t.add_argument("--task", choices=TASKS, default="emotion", help="the built-in task")
     t.add_argument("--preset", default="stable",
-                   help="one of: " + ", ".join([*PRESETS, *PRESET_ALIASES]))
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--out", type=Path, default=Path("runs/latest"))
+                   help="one of: " + ", ".join([*PRESETS, *PRESET_ALIASES])
+                   + " (see advtrain presets)")
+    epochs = ", ".join(f"{k} {v['epochs']}" for k, v in TASK_TRAIN_DEFAULTS.items())
+    t.add_argument("--epochs", type=int, default=None,
+                   help=f"epochs to train (default: from --set/--config, else the task's: {epochs})")
+    t.add_argument("--out", type=Path, default=Path("runs/latest"), help="the run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--seed", type=int, default=None,
-                   help=f"wins over seed in --set/--config; default {DEFAULT_SEED}")
+                   help=f"wins over seed in --set/--config (default: {DEFAULT_SEED})")
     t.add_argument("--device", default=None,
-                   help="auto (default), cpu, cuda, cuda:N, mps (where available)")
-    t.add_argument("--config", type=Path, default=None, help="YAML file of options")
+                   help="auto, cpu, cuda, cuda:N, mps (where available); wins over device in "
+                   "--set/--config (default: auto)")
+    t.add_argument("--config", type=Path, default=None,
+                   help="YAML file of options (default: none)")
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one option (repeatable); VALUE is parsed as YAML")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="override one option (repeatable); VALUE is parsed as YAML "
+                   "(default: none)")
+    t.add_argument("--quiet", action="store_true",
+                   help="no progress bar (default: a bar on a terminal, else a line per epoch)")
     t.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
                    help="launch N processes on this machine through torch.distributed.run (DDP)")
-    r = sub.add_parser("report", help="write report.png and the diagnosis for a run directory")
+    r = sub.add_parser("report", help="write report.png and the diagnosis for a run directory",
+                       description="Write report.png and diagnosis.txt for a run directory.",
+                       epilog=_REPORT_EPILOG, formatter_class=_HelpFormatter)
     r.add_argument("run_dir", type=Path,
                    help="a run directory of advtrain train, or a checkpoint_dir of the Python API")
     r.add_argument("--model-name", default=None,
-                   help="which NAME_metrics.jsonl to read when the directory holds several")
-    sub.add_parser("presets", help="list the presets and their options")
+                   help="which NAME_metrics.jsonl to read when the directory holds several "
+                   "(default: the only one)")
+    sub.add_parser("presets", help="list the presets and their options",
+                   description="List the presets and their options.",
+                   epilog=_PRESETS_EPILOG, formatter_class=_HelpFormatter)
     return p
 
 

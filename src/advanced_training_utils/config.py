@@ -81,8 +81,8 @@ class TrainConfig:
     # output
     resume: bool | str | Path = False
     metrics_file: Path | str | None = None
-    tensorboard: bool = False
-    verbose: bool = True
+    tensorboard: bool = False   # checkpoint_dir/tensorboard; needs the `tensorboard` extra
+    verbose: bool = True        # a bar on a terminal, else one line per epoch (progress.py)
 
     @classmethod
     def from_options(cls, **options: Any) -> TrainConfig:

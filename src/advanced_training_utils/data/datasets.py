@@ -6,7 +6,8 @@
   probabilities ``[128]``.
 
 Both split by melody (see ``data/README.md``). Rendering is deterministic per seed and cached on
-disk (``$ADVTRAIN_CACHE`` or ``~/.cache/advanced-training-utils``).
+disk (``$ADVTRAIN_CACHE``, else ``$XDG_CACHE_HOME/advanced-training-utils``, else
+``~/.cache/advanced-training-utils``: see :func:`cache_dir`).
 """
 
 from __future__ import annotations
@@ -55,8 +56,21 @@ class Window:
 
 
 def cache_dir() -> Path:
-    """Where rendered datasets are cached."""
-    return Path(os.environ.get("ADVTRAIN_CACHE", Path.home() / ".cache" / "advanced-training-utils"))
+    """Where rendered datasets are cached, first found of:
+
+    1. ``$ADVTRAIN_CACHE``, as given;
+    2. ``$XDG_CACHE_HOME/advanced-training-utils`` (the XDG Base Directory spec: an empty or
+       relative ``XDG_CACHE_HOME`` is ignored);
+    3. ``~/.cache/advanced-training-utils``.
+
+    An empty ``$ADVTRAIN_CACHE`` counts as unset.
+    """
+    own = os.environ.get("ADVTRAIN_CACHE")
+    if own:
+        return Path(own)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "advanced-training-utils"
 
 
 def _local_keys(hists: np.ndarray) -> np.ndarray:
