@@ -20,7 +20,8 @@ The intended semantics, one line each:
   monitored loss during warmup. Epoch types count epochs, onecycle counts optimizer steps;
 * onecycle (torch's ``OneCycleLR`` shape: cosine anneal, ``div_factor`` 25, ``final_div_factor``
   1e4, momentum or beta1 cycled between 0.95 and 0.85) does not warm up twice: with ``W > 0``
-  its own rise phase is the warmup and lasts ``W`` steps (``pct_start = W / total``);
+  its own rise phase is the warmup: ``max_lr`` is reached at step ``W`` (as every warmup reaches
+  the schedule's start LR at interval ``W``), then the anneal runs to step ``total - 1``;
 * plateau: ``ReduceLROnPlateau``'s rule (mode min, relative threshold 1e-4, no cooldown) on the
   validation loss, or on the epoch's training loss without a validation set.
 """
@@ -59,7 +60,7 @@ def _cos(start: float, end: float, pct: float) -> float:
 def onecycle(t: int, total: int, max_lr: float, pct_start: float = 0.3, warmup: int = 0
              ) -> tuple[float, float]:
     """(LR, momentum) of optimizer step ``t`` (0-based) of ``total``."""
-    rise_end = (warmup if warmup else pct_start * total) - 1      # last step of the rise
+    rise_end = warmup if warmup else pct_start * total - 1      # the step at max_lr
     if t <= rise_end:
         pct = t / rise_end
         return _cos(max_lr / DIV, max_lr, pct), _cos(MOMENTUM_MAX, MOMENTUM_BASE, pct)

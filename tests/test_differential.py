@@ -137,7 +137,7 @@ def draw_config(draw: Any, procs: int = 1, scheduler: str | None = None,
     # plateau: enough epochs after warmup for a reduction to change the weights
     epochs = draw(one_of(5, 4) if scheduler == "plateau" else one_of(3, 2, 4))
     if scheduler == "onecycle":
-        warmup = draw(one_of(2, 0, 3))  # a 1-step rise is 0/0 in torch (see below)
+        warmup = draw(one_of(2, 0, 1, 3))
     elif scheduler == "none":
         warmup = 0
     else:
@@ -153,9 +153,9 @@ def draw_config(draw: Any, procs: int = 1, scheduler: str | None = None,
         step_size=draw(one_of(1, 2)), min_lr=draw(one_of(1e-3, 0.0)),
         patience=draw(one_of(0, 1)), pct_start=draw(one_of(0.3, 0.5)),
     )
-    if scheduler == "onecycle":  # the rise must not be exactly 1 step; warmup must leave a decay
-        total = epochs * steps_per_epoch(c)
-        c = dataclasses.replace(c, warmup=warmup if warmup < total else 0,
+    if scheduler == "onecycle":  # torch's rise must not be exactly 1 step (0/0 in torch); the
+        total = epochs * steps_per_epoch(c)  # warmup must leave a step for the anneal
+        c = dataclasses.replace(c, warmup=warmup if warmup <= total - 2 else 0,
                                 pct_start=0.3 if c.pct_start * total == 1 else c.pct_start)
     return c
 
