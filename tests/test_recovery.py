@@ -138,3 +138,104 @@ def test_loss_spike_is_skipped():
     res = train_model_advanced(make_model(1, features=F), tl, vl, spiky, epochs=2, device="cpu",
                                verbose=False, seed=0, spike_factor=None, use_scheduler=False)
     assert res["skipped_steps"] == 0
+
+
+# ------------------------------------------------------------------ rollback after a resume
+class _Boom(Exception):
+    pass
+
+
+def _diverging_run(tmp_path, criterion, check_every, **extra):
+    """SGD at a 100x too high LR: recovery rolls back (at epoch ends or every 3 steps)."""
+    tl = torch.utils.data.DataLoader(make_data(128, features=F), batch_size=16, shuffle=True)
+    vl = torch.utils.data.DataLoader(make_data(64, seed=9, features=F), batch_size=64)
+    model = make_model(1, features=F) if not extra.get("resume") else make_model(5, features=F)
+    res = train_model_advanced(
+        model, tl, vl, criterion, epochs=4, learning_rate=5.0, device="cpu", verbose=False,
+        seed=0, use_scheduler=False, restore_best_weights=False, model_name="m",
+        optimizer=lambda p: torch.optim.SGD(p, lr=5.0, momentum=0.9), rollback_lr_factor=0.1,
+        max_rollbacks=5, recovery_check_every=check_every, checkpoint_every_n_steps=1,
+        checkpoint_dir=tmp_path, **extra)
+    return model, res
+
+
+@pytest.mark.parametrize("check_every, crash_at", [(None, 5), (None, 20), (3, 12), (3, 20)])
+def test_rollback_after_a_mid_epoch_resume_is_bit_exact(tmp_path, check_every, crash_at):
+    """The rollback after a resume restores the saved run's last good snapshot, not the state
+    at the resume point (which no check has cleared). Criterion calls: 8 train + 1 val per
+    epoch, so every crash point is mid-epoch, before a rollback of the reference run."""
+    ref, r_ref = _diverging_run(tmp_path / "ref", CE, check_every)
+    assert r_ref["rollbacks"] >= 1
+    calls = [0]
+
+    def crashing(out, y):
+        calls[0] += 1
+        if calls[0] == crash_at:
+            raise _Boom()
+        return CE(out, y)
+
+    with pytest.raises(_Boom):
+        _diverging_run(tmp_path / "c", crashing, check_every)
+    resumed, res = _diverging_run(tmp_path / "c", CE, check_every, resume=True)
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert res["recovery_events"] == r_ref["recovery_events"]
+
+
+def _nan_in_epoch_3(first_call):
+    """NaN losses for the last 20 training steps of epoch 3 (call ``first_call`` is its first
+    batch; 32 batches per epoch)."""
+    calls = [0]
+
+    def crit(out, y):
+        calls[0] += 1
+        loss = CE(out, y)
+        return loss * math.nan if first_call + 12 <= calls[0] < first_call + 32 else loss
+    return crit
+
+
+def test_rollback_to_a_snapshot_stored_without_weights(tmp_path):
+    """An epoch-end checkpoint right after a clean check stores its snapshot without a second
+    copy of the weights (they are the checkpoint's own); a rollback after resuming from it
+    restores the same state as an uninterrupted run."""
+    tl, vl = _loaders()  # 32 training + 4 validation calls per epoch
+    opts = dict(device="cpu", verbose=False, seed=0, model_name="m", restore_best_weights=False)
+    ref = make_model(1, features=F)
+    r_ref = train_model_advanced(ref, tl, vl, _nan_in_epoch_3(2 * 36 + 1), epochs=4,
+                                 checkpoint_dir=tmp_path / "ref", **opts)
+    assert [e["epoch"] for e in r_ref["recovery_events"]] == [3]
+    train_model_advanced(make_model(1, features=F), tl, vl, CE, epochs=2,
+                         checkpoint_dir=tmp_path / "c", **opts)
+    state = load_checkpoint(tmp_path / "c" / "m_last.pt")
+    snap = state["recovery"]["snapshot"]
+    assert snap["model"] is None and snap["optimizer"]["state"] is None
+    resumed = make_model(5, features=F)
+    res = train_model_advanced(resumed, tl, vl, _nan_in_epoch_3(1), epochs=4, resume=True,
+                               checkpoint_dir=tmp_path / "c", **opts)
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert res["recovery_events"] == r_ref["recovery_events"]
+
+
+def test_mid_epoch_checkpoint_stores_the_snapshot_weights(tmp_path):
+    """A mid-epoch checkpoint holds the last good snapshot's weights (here the initial ones:
+    no check has run yet), not the weights at the checkpoint."""
+    tl, vl = _loaders()
+    calls = [0]
+
+    def crash(out, y):
+        calls[0] += 1
+        if calls[0] == 10:
+            raise _Boom()
+        return CE(out, y)
+
+    with pytest.raises(_Boom):
+        train_model_advanced(make_model(1, features=F), tl, vl, crash, epochs=1, device="cpu",
+                             verbose=False, seed=0, checkpoint_dir=tmp_path, model_name="m",
+                             checkpoint_every_n_steps=1)
+    state = load_checkpoint(tmp_path / "m_last.pt")
+    snap = state["recovery"]["snapshot"]
+    assert state["step_in_epoch"] == 9
+    for k, v in make_model(1, features=F).state_dict().items():
+        assert torch.equal(snap["model"][k], v)
+        assert not torch.equal(state["model"][k], v)

@@ -2,6 +2,9 @@
 
 Defaults live here and nowhere else. ``TrainConfig.from_options(**kw)`` rejects unknown keys with
 a message listing the valid ones, then validates every field once.
+
+:data:`RESUME_RULES` says, for every option, whether it may change when a run resumes from a
+checkpoint (see :func:`advanced_training_utils.resume.check_options`).
 """
 
 from __future__ import annotations
@@ -16,9 +19,77 @@ from typing import Any
 from ._validate import check_choice, check_int, check_real
 from .scheduler import SCHEDULER_TYPES
 
-__all__ = ["TrainConfig", "AUGMENT_MODALITIES"]
+__all__ = ["TrainConfig", "AUGMENT_MODALITIES", "RESUME_RULES", "APPLIES", "FIXED",
+           "NOT_COMPARED"]
 
 AUGMENT_MODALITIES = ("audio", "emotion", "notes")
+
+APPLIES = "applies"          # may change on resume: the new value takes effect (a warning says so)
+FIXED = "fixed"              # may not change on resume: ValueError naming old and new values
+NOT_COMPARED = "not compared"
+
+_SCHEDULE = "the schedule lives in the scheduler's saved state"
+_GUARD = "the bad-step guard's saved window and threshold depend on it"
+
+#: Every option of :class:`TrainConfig` -> (rule on resume, what happens / why). A resume
+#: compares the checkpoint's saved options with the new ones (``to_plain`` values): an
+#: ``APPLIES`` option that changed is logged (one WARNING per option, old and new values) and
+#: the new value is used; a ``FIXED`` option that changed raises ``ValueError`` before anything
+#: is loaded (pass the saved value, or ``resume=False`` for a fresh run). Adding an option
+#: without a rule here fails ``tests/test_resume.py``.
+RESUME_RULES: dict[str, tuple[str, str]] = {
+    "epochs": (APPLIES, "the run's length; a schedule whose horizon came from epochs (cosine "
+               "without T_max, onecycle) keeps its saved horizon"),
+    "learning_rate": (FIXED, "the LR lives in the optimizer's and scheduler's saved state"),
+    "device": (APPLIES, "the checkpoint is loaded onto the new device"),
+    "checkpoint_dir": (APPLIES, "checkpoints and the metrics log are written to the new place"),
+    "model_name": (APPLIES, "checkpoints and the metrics log are written under the new name"),
+    "optimizer": (FIXED, "compared by type and hyperparameters (resume.check_optimizer), "
+                  "since the optimizer's state is restored"),
+    "weight_decay": (FIXED, "restored with the optimizer's param groups"),
+    "accumulation_steps": (FIXED, "the position in the epoch and the schedule count in steps"),
+    "seed": (FIXED, "the data order and augmentation streams were drawn from it"),
+    "use_scheduler": (FIXED, _SCHEDULE),
+    "scheduler_type": (FIXED, _SCHEDULE),
+    "patience": (FIXED, _SCHEDULE),
+    "factor": (FIXED, _SCHEDULE),
+    "T_max": (FIXED, _SCHEDULE),
+    "gamma": (FIXED, _SCHEDULE),
+    "step_size": (FIXED, _SCHEDULE),
+    "min_lr": (FIXED, _SCHEDULE),
+    "max_lr": (FIXED, _SCHEDULE),
+    "pct_start": (FIXED, _SCHEDULE),
+    "warmup_steps": (FIXED, _SCHEDULE),
+    "gradient_clip": (APPLIES, "the new threshold clips from the first step after resuming"),
+    "use_mixed_precision": (FIXED, "the loss scaler's state belongs to the saved precision"),
+    "amp_dtype": (FIXED, "the loss scaler's state belongs to the saved precision"),
+    "use_augmentation": (FIXED, "the augmentation's random streams are restored"),
+    "augment": (FIXED, "the augmentation's random streams are restored"),
+    "augment_options": (FIXED, "the augmentation's random streams are restored"),
+    "early_stop_patience": (APPLIES, "early stopping keeps its count of bad epochs and stops "
+                            "when it reaches the new patience"),
+    "min_delta": (APPLIES, "improvements from now on are judged with the new min_delta"),
+    "restore_best_weights": (APPLIES, "decides what the model holds at the end"),
+    "check_stability": (APPLIES, "stability checks from the next epoch"),
+    "stability_every": (APPLIES, "stability checks from the next epoch"),
+    "metrics": (APPLIES, "validation metrics from the next evaluation"),
+    "checkpoint_every_n_steps": (APPLIES, "step checkpoints from now on"),
+    "keep_last": (APPLIES, "rotation from the next checkpoint"),
+    "handle_signals": (APPLIES, "signal handling for this process"),
+    "recovery": (FIXED, _GUARD),
+    "spike_factor": (FIXED, _GUARD),
+    "spike_window": (FIXED, _GUARD),
+    "rollback_after": (APPLIES, "used by the next recovery check"),
+    "rollback_lr_factor": (APPLIES, "used by the next rollback"),
+    "max_rollbacks": (APPLIES, "the rollbacks already made count against the new limit"),
+    "divergence_factor": (APPLIES, "used by the next recovery check"),
+    "recovery_check_every": (APPLIES, "recovery checks every N optimizer steps from now on"),
+    "dist_timeout": (APPLIES, "the process group of this run"),
+    "resume": (NOT_COMPARED, "the option that asks for the resume"),
+    "metrics_file": (APPLIES, "the saved history is rewritten to the new file"),
+    "tensorboard": (APPLIES, "TensorBoard logging from the next epoch"),
+    "verbose": (APPLIES, "progress output of this run"),
+}
 
 
 @dataclass

@@ -159,6 +159,11 @@ class StepGuard:
         return True
 
     # ------------------------------------------------------------------ reading
+    @property
+    def steps_seen(self) -> int:
+        """Optimizer steps decided so far (taken or skipped; restored by a resume)."""
+        return self._count
+
     def reset_interval(self) -> None:
         """Start a new reading interval (an epoch, or a recovery check interval); the current
         run of consecutive bad steps carries over."""

@@ -72,6 +72,7 @@ class Recovery:
     _snapshot_scale: float = 1.0
     events: list[RecoveryEvent] = field(default_factory=list)
     _snapshot: dict[str, Any] | None = None
+    _snapshot_steps: int = 0     # the guard's step count when the snapshot was taken
     _bad_positions: list[tuple[int, int]] = field(default_factory=list)
     _norm_history: list[float] = field(default_factory=list)
     _first_nonfinite: list[str] = field(default_factory=list)
@@ -84,12 +85,18 @@ class Recovery:
         check_real("divergence_factor", self.divergence_factor, low=1.0, low_inclusive=False)
 
     # ------------------------------------------------------------------ snapshots
+    @property
+    def has_snapshot(self) -> bool:
+        """Whether a snapshot is held (taken, or restored by :meth:`load_state_dict`)."""
+        return self._snapshot is not None
+
     def snapshot(self) -> None:
         """Copy the current good state (on the device)."""
         if not self.enabled:
             return
         p = self.parts
         self._snapshot_scale = self.lr_scale
+        self._snapshot_steps = p.guard.steps_seen
         self._snapshot = copy.deepcopy({
             "model": p.inner.state_dict(),
             "optimizer": p.optimizer.state_dict(),
@@ -106,7 +113,10 @@ class Recovery:
         if self.scheduler is not None and s["scheduler"] is not None:
             self.scheduler.load_state_dict(copy.deepcopy(s["scheduler"]))
         p.precision.load_state_dict(s["precision"])
-        p.clipper.load_state_dict(s["clipper"])
+        # The clipper's statistics roll back; its threshold is the run's option (it may have
+        # changed on resume since the snapshot).
+        p.clipper.load_state_dict({**s["clipper"], "max_norm": p.clipper.max_norm,
+                                   "norm_type": p.clipper.norm_type})
         p.optimizer.zero_grad(set_to_none=True)
 
     def _scale_lr(self) -> float:
@@ -197,14 +207,49 @@ class Recovery:
         return ev
 
     def state_dict(self) -> dict[str, Any]:
+        """Counters, the reference loss and LR scales, the diagnosis history and the snapshot.
+
+        The snapshot is what a rollback after a resume restores, so a resumed run rolls back to
+        the same state as an uninterrupted one. When no optimizer step was taken since it was
+        taken (an epoch-end checkpoint right after a clean check), its model weights and
+        optimizer tensors are those of the checkpoint itself and are not stored again;
+        otherwise (mid-epoch checkpoints, mostly) they are, and the checkpoint is up to twice
+        as large.
+        """
+        snap = self._snapshot
+        if snap is not None and self.parts.guard.steps_seen == self._snapshot_steps:
+            snap = {**snap, "model": None,
+                    "optimizer": {"state": None,
+                                  "param_groups": snap["optimizer"]["param_groups"]}}
         return {"rollbacks": self.rollbacks, "events": [e.as_dict() for e in self.events],
-                "ref_loss": self.ref_loss, "lr_scale": self.lr_scale}
+                "ref_loss": self.ref_loss, "lr_scale": self.lr_scale,
+                "snapshot_scale": self._snapshot_scale, "snapshot_steps": self._snapshot_steps,
+                "snapshot": snap if self.enabled else None,
+                "bad_positions": [list(b) for b in self._bad_positions[-50:]],
+                "norm_history": list(self._norm_history),
+                "first_nonfinite": list(self._first_nonfinite)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`. Call it after every part (model, optimizer,
+        scheduler, precision, clipper) has loaded the same checkpoint: a snapshot stored
+        without its weights takes them from the parts. A checkpoint without a snapshot (an
+        older format) leaves none: take one with :meth:`snapshot`."""
         self.rollbacks = int(state["rollbacks"])
         self.ref_loss = state.get("ref_loss")
         self.lr_scale = float(state.get("lr_scale", 1.0))
-        self._snapshot_scale = self.lr_scale  # the snapshot is retaken right after resuming
+        self._snapshot_scale = float(state.get("snapshot_scale", self.lr_scale))
+        self._snapshot_steps = int(state.get("snapshot_steps", 0))
         self.events = [RecoveryEvent(**e) for e in state["events"]]
-
-
+        self._bad_positions = [(int(e), int(b)) for e, b in state.get("bad_positions", [])]
+        self._norm_history = [float(x) for x in state.get("norm_history", [])]
+        self._first_nonfinite = list(state.get("first_nonfinite", []))
+        snap = state.get("snapshot")
+        self._snapshot = None
+        if snap is None or not self.enabled:
+            return
+        p = self.parts
+        if snap["model"] is None:  # taken at the checkpoint's own weights
+            snap = {**snap, "model": p.inner.state_dict(),
+                    "optimizer": {**snap["optimizer"],
+                                  "state": p.optimizer.state_dict()["state"]}}
+        self._snapshot = copy.deepcopy(snap)

@@ -1,6 +1,12 @@
 """The files of one run: checkpoints (atomic, rotated, optionally on a writer thread), the
 metrics log and TensorBoard. Only the main rank writes; every method is a no-op elsewhere or
-when the run has no ``checkpoint_dir``."""
+when the run has no ``checkpoint_dir``.
+
+A fresh run (nothing resumed) over a folder that holds an earlier run's metrics log keeps that
+log untouched until it writes its own first metrics line or checkpoint; it then renames it to
+``{name}_metrics.{YYYYmmdd-HHMMSS}.jsonl`` (the old log's last modification time), so a run
+that dies before that leaves the earlier log as it was, and none is ever deleted.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,6 +50,7 @@ class RunFiles:
         self.failures = 0
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._old_log = False  # an earlier run's metrics log to move aside before our writes
         if self.dir is not None and is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".{name}.write-test"
@@ -69,6 +78,7 @@ class RunFiles:
         """
         if self.last is None or payload is None or not self.is_main:
             return
+        self._move_old_log()
         self.wait()
         if background:
             if self._pool is None:
@@ -110,7 +120,35 @@ class RunFiles:
                 for entry in history:
                     f.write(json.dumps(_nan_to_none(entry), default=str) + "\n")
 
+    def keep_previous_log(self) -> None:
+        """This run is fresh: an existing metrics log is an earlier run's. Keep it until this run
+        writes its first metrics line or checkpoint, then move it aside (module docstring)."""
+        self._old_log = bool(self.is_main and self.metrics is not None
+                             and os.path.lexists(self.metrics))
+
+    def _move_old_log(self) -> None:
+        if not self._old_log:
+            return
+        self._old_log = False
+        assert self.metrics is not None
+        try:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.metrics.lstat().st_mtime))
+            for n in range(1000):
+                target = self.metrics.with_name(
+                    f"{self.metrics.stem}.{stamp}{f'-{n}' if n else ''}{self.metrics.suffix}")
+                if not os.path.lexists(target):
+                    break
+            else:
+                raise FileExistsError(f"{target} and 999 others like it exist")
+            os.rename(self.metrics, target)  # a symlink is moved, never followed
+        except OSError as e:
+            log.error("could not move the earlier run's metrics log %s aside (%s); this run's "
+                      "lines are appended to it", self.metrics, e)
+            return
+        log.info("an earlier run's metrics log was moved to %s", target)
+
     def write_metrics(self, entry: dict[str, Any]) -> None:
+        self._move_old_log()
         if self.metrics is not None and self.is_main:
             self.metrics.parent.mkdir(parents=True, exist_ok=True)
             with open(self.metrics, "a") as f:

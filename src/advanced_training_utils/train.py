@@ -5,8 +5,10 @@ The run, top to bottom:
 1. options -> :class:`TrainConfig` (validated once; unknown options are an error);
 2. parts built from the config: optimizer, precision, clipper, guard, scheduler, augmentation,
    early stopping, recovery; each is a real object or a no-op with the same methods;
-3. resume, if asked: every part's ``load_state_dict`` from the newest intact checkpoint, RNG
-   states and the position in the epoch included;
+3. resume, if asked: the saved options and optimizer are checked against this run's
+   (:mod:`.resume`; :data:`.config.RESUME_RULES` says which options may change), then every
+   part's ``load_state_dict`` from the newest intact checkpoint, RNG states (the loaders'
+   generators too), the position in the epoch and recovery's last good snapshot included;
 4. per epoch: :func:`loop.train_epoch` (which calls back after every optimizer step for
    step checkpoints, preemption and recovery checks), :func:`loop.evaluate`, one host read of
    the epoch's numbers, then the epoch-level decisions (plateau/epoch scheduler, early stopping,
@@ -55,6 +57,7 @@ from .prepare import (
 )
 from .progress import Progress
 from .recovery import Recovery
+from .resume import check_optimizer, check_options, optimizer_spec
 from .runfiles import RunFiles, closing
 from .scheduler import LearningRateScheduler
 from .stability import TrainingStability
@@ -64,8 +67,11 @@ __all__ = ["train_model_advanced", "resolve_device", "infer_modality"]
 log = logging.getLogger(__name__)
 
 LOADER_KEY = "epoch_order"
-RANKS_KEY = "ranks"          # per-rank state: RNG, epoch sums, guard (one entry per rank)
+RANKS_KEY = "ranks"          # per-rank state: RNG, epoch sums, guard, loader RNG (one per rank)
 RECOVERY_KEY = "recovery"
+OPTIMIZER_SPEC_KEY = "optimizer_spec"  # the optimizer's type and hyperparameters as built
+GLOBAL_STEP_KEY = "global_step"        # optimizer steps so far (step checkpoints, checks)
+CHECK_FROM_KEY = "check_from"          # mid-epoch: the batch where the recovery interval began
 
 
 # ---------------------------------------------------------------------------- the function
@@ -113,7 +119,9 @@ def train_model_advanced(
         ``rollbacks`` and ``recovery_events``.
 
     Raises:
-        TypeError / ValueError: bad options, model, loaders, labels or criterion, named.
+        TypeError / ValueError: bad options, model, loaders, labels or criterion, named; or a
+            resume whose options, optimizer or loader generators do not fit the checkpoint
+            (an option that may not change on resume, another optimizer type).
         CheckpointError: an unusable checkpoint folder, no intact checkpoint to resume from, or
             repeated failed writes.
         TrainingDivergedError: recovery used up its rollbacks (``.diagnosis`` says why).
@@ -150,6 +158,7 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
 
     # ---- parts
     optimizer = build_optimizer(cfg, model)
+    opt_spec = optimizer_spec(optimizer)  # before a scheduler adds to the param groups
     amp_dtype = cfg.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -183,7 +192,7 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
     recovery = Recovery(parts, sched, enabled=cfg.recovery, rollback_after=cfg.rollback_after,
                         lr_factor=cfg.rollback_lr_factor, max_rollbacks=cfg.max_rollbacks,
                         divergence_factor=cfg.divergence_factor)
-    loader = make_resumable(train_loader)
+    loader = make_resumable(train_loader, (val_loader,))
 
     # ---- progress of the run (what a checkpoint captures besides the parts)
     history: list[dict[str, Any]] = []
@@ -191,14 +200,16 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
     epochs_done, start_batch = 0, 0
     sums: EpochSums | None = None
     epoch_started = time.perf_counter()
+    global_step = [0]
 
-    def payload(epoch_done: int, batch: int, epoch_sums: EpochSums | None
-                ) -> dict[str, Any] | None:
+    def payload(epoch_done: int, batch: int, epoch_sums: EpochSums | None,
+                check_from: int = 0) -> dict[str, Any] | None:
         """The checkpoint (built on every rank: per-rank state is gathered to all)."""
         ranks = ctx.gather_object({
             "rng": ck.capture_rng(),
             "epoch_sums": epoch_sums.state_dict() if (batch and epoch_sums is not None) else None,
             "guard": guard.state_dict(),
+            "loader": loader.checkpoint_state(mid_epoch=bool(batch)),
         })
         if not ctx.is_main or run.last is None:
             return None
@@ -218,6 +229,9 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
             RANKS_KEY: ranks,
             ck.BEST_KEY: {k: v for k, v in best.items() if k != "state"},
             ck.CONFIG_KEY: cfg.to_plain(),
+            OPTIMIZER_SPEC_KEY: opt_spec,
+            GLOBAL_STEP_KEY: global_step[0],
+            CHECK_FROM_KEY: check_from,
         }
 
     # ---- resume
@@ -231,17 +245,21 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
                      run.dir)
     elif cfg.resume:
         found = Path(cfg.resume), ck.load_checkpoint(cfg.resume, map_location=device)
-    if found is None and run.metrics is not None and run.metrics.exists():
-        run.metrics.unlink()  # a fresh run starts a fresh metrics log
-    resume_order = None
+    if found is None:
+        run.keep_previous_log()  # moved aside when this run writes its first line/checkpoint
+    resume_order, resume_rng, resume_check_from = None, None, 0
     if found is not None:
         path, state = found
+        check_options(state.get(ck.CONFIG_KEY), cfg, path)
+        check_optimizer(state.get(OPTIMIZER_SPEC_KEY), state[ck.OPTIMIZER_KEY], optimizer,
+                        opt_spec, path)
         model.load_state_dict(state[ck.MODEL_KEY])
         optimizer.load_state_dict(state[ck.OPTIMIZER_KEY])
         if sched is not None and state[ck.SCHEDULER_KEY] is not None:
             sched.load_state_dict(state[ck.SCHEDULER_KEY])
         precision.load_state_dict(state[ck.PRECISION_KEY])
-        clipper.load_state_dict(state[ck.CLIPPER_KEY])
+        # Statistics from the checkpoint; the threshold is this run's (it may change on resume).
+        clipper.load_state_dict({**state[ck.CLIPPER_KEY], "max_norm": clipper.max_norm})
         ranks = state[RANKS_KEY]
         if len(ranks) != ctx.world_size:
             raise ck.CheckpointError(path, f"saved by {len(ranks)} process(es); this run has "
@@ -249,29 +267,37 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
         mine = ranks[ctx.rank]
         guard.load_state_dict(mine["guard"])
         if early is not None and state[ck.EARLY_STOPPING_KEY] is not None:
-            early.load_state_dict(state[ck.EARLY_STOPPING_KEY])
+            # The count from the checkpoint, judged by this run's patience and min_delta.
+            early.load_state_dict({**state[ck.EARLY_STOPPING_KEY], "patience": early.patience,
+                                   "min_delta": early.min_delta})
+            early.should_stop = early.num_bad_epochs >= early.patience
         if aug is not None and state[ck.AUGMENTATION_KEY] is not None:
             aug.load_state_dict(state[ck.AUGMENTATION_KEY])
         recovery.load_state_dict(state[RECOVERY_KEY])
         history = list(state[ck.HISTORY_KEY])
         epochs_done, start_batch = int(state[ck.EPOCH_KEY]), int(state[ck.STEP_KEY])
+        global_step[0] = int(state.get(GLOBAL_STEP_KEY, 0))
         best.update(state[ck.BEST_KEY])
         if run.best is not None and run.best.exists() and cfg.restore_best_weights:
             best["state"] = ck.load_checkpoint(run.best, map_location=device)[ck.MODEL_KEY]
+        saved_loader = mine.get("loader") or {}
+        now = {"global": mine["rng"], "generators": saved_loader.get("generators")}
         if start_batch:
             sums = EpochSums.from_state(mine["epoch_sums"], device)
             resume_order = state[LOADER_KEY]
-        resume_rng = mine["rng"]
-        ck.restore_rng(resume_rng)
+            resume_check_from = int(state.get(CHECK_FROM_KEY, start_batch))
+            # Restored by the loader around the creation of the resumed epoch's iterator.
+            resume_rng = {"epoch_start": saved_loader.get("epoch_start"), "now": now}
+        loader.load_rng_state(now)
         run.rewrite_metrics(history)
         log.info("resumed from %s at epoch %d, batch %d", path, epochs_done, start_batch)
-    recovery.snapshot()
+    if not recovery.has_snapshot:  # a resume restores the saved run's snapshot
+        recovery.snapshot()
 
     # ---- epochs
     stopped_early = bool(early is not None and early.should_stop)
     stability = None
     progress = Progress(enabled=cfg.verbose, total_batches=n_batches)
-    global_step = [0]
     lr_history: list[float] = []
 
     with PreemptionHandler(cfg.handle_signals) as preempt, closing(run):
@@ -284,11 +310,9 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
                 guard.reset_interval()
             loader.set_epoch(epoch)
             if start_batch:
-                loader.start_epoch_at(resume_order, start_batch)
+                loader.start_epoch_at(resume_order, start_batch, resume_rng)
             batches = iter(loader)
-            if start_batch and found is not None:
-                ck.restore_rng(resume_rng)  # creating the iterator may draw from the RNG
-            check_from = [start_batch]
+            check_from = [resume_check_from if start_batch else 0]
 
             def after_step(done: int, epoch_sums: EpochSums, epoch: int = epoch,
                            check_from: list[int] = check_from) -> None:
@@ -303,7 +327,7 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
                 due = every is not None and global_step[0] % every == 0 and not last_batch
                 stop = ctx.any_host(preempt.requested)  # one rank's signal stops every rank
                 if due or stop:
-                    run.save(payload(epoch - 1, done, epoch_sums), best=False)
+                    run.save(payload(epoch - 1, done, epoch_sums, check_from[0]), best=False)
                 if stop:
                     raise TrainingPreempted(preempt.signum or 15,
                                             str(run.last) if run.last else None)
