@@ -402,6 +402,8 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
             else:
                 log.info(_summary_line(entry, cfg.epochs))
             run.save(payload(epoch, 0, None), best=improved, background=True)
+            if ctx.any_host(preempt.requested):  # signalled during validation or the last epoch
+                raise TrainingPreempted(preempt.signum or 15, str(run.last) if run.last else None)
             if stopped_early:
                 log.info("early stopping at epoch %d (best epoch %d)", epoch, best["epoch"])
 
