@@ -1,11 +1,16 @@
 """A small training run for the crash tests: kill it anywhere, resume it, compare weights.
 
-    python tests/crash_worker.py OUT_DIR [--epochs 3] [--every 1] [--sleep 0]
+    python tests/crash_worker.py OUT_DIR [--epochs 3] [--every 1] [--sleep 0] [--kill-at-io N]
+                                 [--slow-write 0]
 
 Trains an MLP with dropout on a shuffled synthetic dataset with seeded augmentation, plateau
 scheduling and per-step checkpoints (``resume=True`` always: the first start finds nothing), and
-writes the final weights to OUT_DIR/final.pt. It prints ``batch N`` after each batch (flushed) so
-a test can kill it at a chosen point.
+writes the final weights to OUT_DIR/final.pt. It prints ``batch N train`` (or ``val``) at each
+criterion call (flushed) so a test can kill it at a chosen point. ``--every 0``: no step
+checkpoints (the default of ``train_model_advanced``). ``--kill-at-io N``: SIGKILL itself at its
+Nth file operation in OUT_DIR (open for writing, write, fsync, link, rename, unlink; see
+tests/faults.py), so kills land inside checkpoint writes and rotations too. ``--slow-write S``:
+each write to a temporary file takes S seconds more (a signal then lands during a write).
 """
 
 import argparse
@@ -24,7 +29,18 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--kill-at-io", type=int, default=0)
+    ap.add_argument("--slow-write", type=float, default=0.0)
     args = ap.parse_args()
+    if args.kill_at_io or args.slow_write:
+        from faults import OPS, FileFaults
+
+        faults = FileFaults(folder=args.out)
+        if args.kill_at_io:
+            faults.kill(OPS, "*", nth=args.kill_at_io)
+        if args.slow_write:
+            faults.on("write", "*.tmp", lambda op, path: time.sleep(args.slow_write), always=True)
+        faults.install()
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(240, 12, generator=g)
@@ -41,14 +57,14 @@ def main() -> int:
 
     def criterion(out, target):
         calls[0] += 1
-        print(f"batch {calls[0]}", flush=True)
+        print(f"batch {calls[0]} {'train' if model.training else 'val'}", flush=True)
         if args.sleep:
             time.sleep(args.sleep)
         return ce(out, target)
 
     train_model_advanced(model, train, val, criterion, epochs=args.epochs, learning_rate=3e-3,
                          device="cpu", checkpoint_dir=args.out, model_name="w", seed=0,
-                         resume=True, checkpoint_every_n_steps=args.every, verbose=False,
+                         resume=True, checkpoint_every_n_steps=args.every or None, verbose=False,
                          use_augmentation=True, augment="emotion",
                          augment_options={"noise_level": 0.05}, scheduler_type="plateau",
                          patience=1, restore_best_weights=False)

@@ -137,7 +137,7 @@ def test_nproc_per_node_launches_torchrun(tmp_path, monkeypatch):
     s = json.loads((out / "summary.json").read_text())
     assert s["world_size"] == 2 and s["epochs_run"] == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "notes_best.pt", "notes_last.pt"]
+        "notes.lock", "notes_best.pt", "notes_last.pt"]  # the run's lock: rank 0 only
 
 
 def test_nproc_per_node_rejects_zero(capsys):

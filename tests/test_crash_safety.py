@@ -124,8 +124,8 @@ def test_truncated_bitflipped_zero_length_fall_back(tmp_path, caplog):
                                **{**OPTS, "epochs": 3})
     assert "falling back to the newest intact checkpoint" in caplog.text
     assert res["epochs_run"] == 3  # resumed after epoch 1, ran 2 and 3 again
-    # zero-length newest: also skipped
-    for p in chain:
+    # zero-length files: also skipped (_best.pt, a complete checkpoint, is a candidate too)
+    for p in chain + [tmp_path / "m_best.pt"]:
         p.write_bytes(b"")
     with pytest.raises(CheckpointError, match="no intact checkpoint"):
         train_model_advanced(make_model(2), tl, vl, CE, checkpoint_dir=tmp_path, keep_last=3,
@@ -156,31 +156,28 @@ def test_unwritable_checkpoint_dir_fails_before_training(tmp_path):
 
 
 def test_failed_writes_keep_previous_and_stop_after_three(tmp_path, monkeypatch, caplog):
-    import advanced_training_utils.checkpoint as ck
+    import errno
+
+    from faults import FileFaults, temp_files
 
     tl, vl = _loaders()
-    real = ck.save_checkpoint
-    calls = {"n": 0}
-
-    def flaky(path, payload):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the second write hits a full disk
-            raise OSError(28, "No space left on device")
-        return real(path, payload)
-
-    monkeypatch.setattr(ck, "save_checkpoint", flaky)
+    # The second checkpoint write hits a full disk (at the lowest level: os.write).
+    faults = FileFaults(tmp_path).fail("write", ".m_last.pt.*.tmp", errno.ENOSPC, nth=2)
+    faults.install(monkeypatch)
     res = train_model_advanced(make_model(1), tl, vl, CE, checkpoint_dir=tmp_path,
                                **{**OPTS, "keep_last": 1})
+    assert faults.fired
     assert res["epochs_run"] == 3 and "checkpoint write failed" in caplog.text
     assert load_checkpoint(tmp_path / "m_last.pt")["epoch"] == 3
+    assert temp_files(tmp_path) == []
 
-    def always(path, payload):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(ck, "save_checkpoint", always)
+    full = tmp_path / "full"
+    FileFaults(full).fail("write", ".m_last.pt.*.tmp", errno.ENOSPC, always=True
+                          ).install(monkeypatch)
     with pytest.raises(CheckpointError, match="3 checkpoint writes failed in a row"):
-        train_model_advanced(make_model(1), tl, vl, CE, checkpoint_dir=tmp_path / "full",
+        train_model_advanced(make_model(1), tl, vl, CE, checkpoint_dir=full,
                              **{**OPTS, "epochs": 5})
+    assert temp_files(full) == []
 
 
 # ------------------------------------------------------------------ subprocesses

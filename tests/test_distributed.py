@@ -93,7 +93,8 @@ def test_two_processes_match_one_over_the_same_global_batch(tmp_path):
     assert r0 == r1
     # exactly one set of checkpoint files (rank 0 writes)
     names = sorted(f.name for f in (tmp_path / "ckpt").iterdir())
-    assert names == ["ddp_best.pt", "ddp_last.1.pt", "ddp_last.pt", "ddp_metrics.jsonl"]
+    assert names == ["ddp.lock", "ddp_best.pt", "ddp_last.1.pt", "ddp_last.pt",
+                     "ddp_metrics.jsonl"]  # ddp.lock: the run's lock (rank 0 only)
     assert len(load_checkpoint(tmp_path / "ckpt" / "ddp_last.pt")["ranks"]) == 2
 
 

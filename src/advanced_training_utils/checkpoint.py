@@ -14,10 +14,10 @@ tampered file raises :class:`CheckpointError` naming the file and the problem.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
-import tempfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from . import safeio
 
 __all__ = [
     "AUGMENTATION_KEY", "CHECKSUM_KEY", "CLIPPER_KEY", "CONFIG_KEY", "EARLY_STOPPING_KEY",
@@ -101,48 +103,32 @@ def payload_digest(payload: Mapping[str, Any]) -> str:
     return f"crc32:{h.value:08x}"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: Path | str, payload: Mapping[str, Any]) -> Path:
     """Write ``payload`` atomically to ``path`` with a format version and checksum.
 
-    The bytes go to a temporary file in the same folder, which is flushed and fsynced before
-    ``os.replace`` moves it over ``path``; on any error the temporary file is removed and the
-    previous ``path`` (if any) is left as it was.
+    The bytes go to a new file under a unique temporary name in the same folder (created with
+    ``O_EXCL | O_NOFOLLOW``, so a planted symlink is never written through), which is fsynced
+    before ``os.replace`` moves it over ``path`` (a symlink at ``path`` is replaced, not
+    followed); on any error the temporary file is removed and the previous ``path`` (if any) is
+    left as it was. See :mod:`.safeio`.
 
     Returns:
         The path written.
+
+    Raises:
+        OSError: the write failed (a full disk: ``ENOSPC``, even where ``torch.save`` reports it
+            as a ``RuntimeError``).
     """
-    path = Path(path)
+    obj = _sealed(payload)
+    return safeio.atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def _sealed(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The payload with its format version and checksum."""
     obj = dict(payload)
     obj[FORMAT_KEY] = FORMAT_VERSION
     obj[CHECKSUM_KEY] = payload_digest(obj)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return obj
 
 
 def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, Any]:
@@ -178,70 +164,139 @@ def checkpoint_chain(last: Path, keep_last: int) -> list[Path]:
     return [last] + [last.with_name(f"{last.stem}.{i}{last.suffix}") for i in range(1, keep_last)]
 
 
-def _link_into_place(src: Path, dst: Path) -> None:
-    """Make ``dst`` hold ``src``'s bytes atomically: a hard link (or a copy) then a rename."""
-    tmp = dst.with_name(f".{dst.name}.link.tmp")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:  # no hard links on this filesystem
-        import shutil
+# errno values of a filesystem without hard links (a copy is made instead)
+_NO_HARD_LINKS = {getattr(errno, n) for n in ("EPERM", "EOPNOTSUPP", "ENOTSUP", "EXDEV", "EMLINK",
+                                               "ENOSYS") if hasattr(errno, n)}
 
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+
+def _hold(src: Path) -> Path | None:
+    """A second name for ``src``'s current file, under a temporary name (a hard link of the
+    name itself, never of a symlink's target; a copy where the filesystem has no hard links).
+    None when ``src`` does not exist."""
+    if not os.path.lexists(src):
+        return None
+    tmp = safeio.temp_name(src)
+    try:
+        os.link(src, tmp, follow_symlinks=False)
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        tmp = safeio.write_temp(src, lambda f: safeio.copy_into(src, f))
+    return tmp
+
+
+def _move(src: Path, dst: Path) -> None:
+    """``os.replace(src, dst)``; when both already name the same file (a rename then does
+    nothing and would leave ``src``), ``src`` is removed."""
+    try:
+        if os.path.samestat(os.lstat(src), os.lstat(dst)):
+            os.unlink(src)
+            return
+    except FileNotFoundError:
+        pass
+    os.replace(src, dst)
 
 
 def rotate_and_save(last: Path, payload: Mapping[str, Any], keep_last: int = 2,
-                    same_as: Path | None = None) -> Path:
+                    copy_to: Path | None = None) -> Path:
     """Save ``payload`` as ``last``, keeping the ``keep_last - 1`` previous ones as ``.1``, ``.2``...
 
-    Older files are renamed before the new one is written; whatever happens, the newest complete
-    checkpoint stays on disk (as ``last`` or ``last.1``), and :func:`find_resumable` finds it.
-    ``same_as``: a checkpoint file already holding ``payload`` (linked instead of re-written;
-    files are only ever replaced, never modified in place, so sharing an inode is safe).
+    The order makes a kill at any point harmless: the newest complete checkpoint is always at a
+    final name, ``last`` once written always exists and is complete, and no two final names
+    ever share a file (damage to one never reaches another):
+
+    1. the new checkpoint is written in full under a unique temporary name and fsynced (and
+       copied to ``copy_to``, atomically, when given);
+    2. the current ``last`` gets a second, temporary name (a hard link);
+    3. the new file is renamed over ``last``;
+    4. the older ones move down (``.1`` -> ``.2`` ...), oldest first, and the previous ``last``
+       moves from its temporary name to ``.1``.
+
+    A kill during step 4 leaves the previous ``last`` under its temporary name (removed at the
+    next start, see :func:`.safeio.remove_stale_temps`): at least ``keep_last - 1`` checkpoints,
+    the newest included, are at their final names at every instant. On an error the temporary
+    files are removed.
+
+    Args:
+        copy_to: also make this file (the run's ``_best.pt``) an independent copy of the new
+            checkpoint (one serialisation; a copy, not a hard link, so that damage to one file
+            never reaches the other).
+
+    Raises:
+        OSError: a write or rename failed; the previous checkpoints are still in place.
     """
-    chain = checkpoint_chain(Path(last), keep_last)
-    if keep_last > 1 and chain[0].exists():
-        if chain[-1].exists():
-            chain[-1].unlink()
-        for older, newer in zip(reversed(chain[1:]), reversed(chain[:-1])):
-            if newer.exists():
-                os.replace(newer, older)
-    if same_as is not None:
-        _link_into_place(Path(same_as), chain[0])
-        return chain[0]
-    return save_checkpoint(chain[0], payload)
+    last = Path(last)
+    chain = checkpoint_chain(last, keep_last)
+    obj = _sealed(payload)
+    tmp: Path | None = safeio.write_temp(last, lambda f: torch.save(obj, f))
+    held = None
+    try:
+        if copy_to is not None:
+            safeio.atomic_write(Path(copy_to), lambda f: safeio.copy_into(tmp, f))
+        held = _hold(last) if keep_last > 1 else None
+        os.replace(tmp, last)
+        tmp = None
+        if held is not None:
+            for i in range(len(chain) - 1, 1, -1):
+                if os.path.lexists(chain[i - 1]):
+                    _move(chain[i - 1], chain[i])
+            _move(held, chain[1])
+            held = None
+    except BaseException:
+        for t in (tmp, held):
+            if t is not None:
+                safeio.discard(t)
+        raise
+    safeio.fsync_dir(last.parent)
+    return last
 
 
-def find_resumable(last: Path, keep_last: int = 2, map_location: Any = "cpu"
-                   ) -> tuple[Path, dict[str, Any]] | None:
+def _position(obj: Mapping[str, Any]) -> tuple[int, int]:
+    """How far a checkpoint is into its run: (epochs done, batches into the next)."""
+    return int(obj.get(EPOCH_KEY, -1)), int(obj.get(STEP_KEY, -1))
+
+
+def _try_load(path: Path, map_location: Any, problems: list[str]) -> dict[str, Any] | None:
+    try:
+        return load_checkpoint(path, map_location=map_location)
+    except CheckpointError as e:
+        problems.append(str(e))
+        log.warning("resume: skipping %s", e)
+        return None
+
+
+def find_resumable(last: Path, keep_last: int = 2, map_location: Any = "cpu",
+                   best: Path | None = None) -> tuple[Path, dict[str, Any]] | None:
     """The newest intact checkpoint of the chain of ``last``; None when there is none at all.
 
-    A corrupted newer file is skipped with a warning naming it and the problem.
+    Candidates, newest first: ``last``, ``last.1``, ... (up to ``max(keep_last, 8)`` names);
+    a damaged or missing file is skipped with a warning naming it and the problem. ``best``
+    (the run's ``_best.pt``, a complete checkpoint of the epoch that last improved) is also
+    tried when ``last`` itself was not usable: it is taken when it is further into the run
+    (epoch, batch) than the chain's newest intact file, or when the chain has none.
 
     Raises:
         CheckpointError: files exist but none of them is intact.
     """
-    problems = []
-    for path in checkpoint_chain(Path(last), max(keep_last, 8)):
-        if not path.exists():
-            continue
-        try:
-            obj = load_checkpoint(path, map_location=map_location)
-        except CheckpointError as e:
-            problems.append(str(e))
-            log.warning("resume: skipping %s", e)
-            continue
+    chain = checkpoint_chain(Path(last), max(keep_last, 8))
+    problems: list[str] = []
+    found = None
+    for path in chain:
+        if os.path.lexists(path) and (obj := _try_load(path, map_location, problems)) is not None:
+            found = path, obj
+            break
+    if best is not None and (found is None or found[0] != chain[0]) and os.path.lexists(best):
+        obj = _try_load(Path(best), map_location, problems)
+        if obj is not None and (found is None or _position(obj) > _position(found[1])):
+            found = Path(best), obj
+    if found is None:
         if problems:
-            log.warning("resume: falling back to the newest intact checkpoint %s", path)
-        return path, obj
-    if problems:
-        raise CheckpointError(last, "no intact checkpoint to resume from: " + "; ".join(problems))
-    return None
+            raise CheckpointError(last, "no intact checkpoint to resume from: "
+                                  + "; ".join(problems))
+        return None
+    if found[0] != chain[0]:  # the newest was damaged or missing
+        log.warning("resume: falling back to the newest intact checkpoint %s", found[0])
+    return found
 
 
 def capture_rng() -> dict[str, Any]:

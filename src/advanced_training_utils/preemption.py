@@ -1,10 +1,16 @@
 """Graceful preemption: on SIGTERM or SIGINT, finish the step, checkpoint, exit.
 
 ``PreemptionHandler`` installs handlers (main thread only) that only set a flag; the training loop
-checks the flag after each optimizer step, writes a checkpoint and raises
-:class:`TrainingPreempted`, a ``SystemExit`` whose code is ``128 + signal number`` (143 for
-SIGTERM, 130 for SIGINT), so an uncaught preemption ends the process with the conventional code.
-A second signal while the checkpoint is being written is left to the default behaviour.
+checks the flag after each optimizer step and after each epoch's validation and checkpoint,
+writes a checkpoint and raises :class:`TrainingPreempted`, a ``SystemExit`` whose code is
+``128 + signal number`` (143 for SIGTERM, 130 for SIGINT), so an uncaught preemption ends the
+process with the conventional code.
+
+A second signal (schedulers often send SIGTERM twice, Ctrl-C is pressed twice) is logged and
+otherwise ignored: the checkpoint in progress finishes. The third signal forces the exit: the
+previous handler is restored and the signal re-raised (the default action for SIGTERM ends the
+process at once; SIGINT raises ``KeyboardInterrupt``), and no checkpoint is written. SIGKILL
+always ends the process at once; ``resume=True`` then continues from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ __all__ = ["PreemptionHandler", "TrainingPreempted", "PREEMPTION_SIGNALS"]
 log = logging.getLogger(__name__)
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+FORCE_AFTER = 3  # the signal that forces the exit without a checkpoint
 
 
 class TrainingPreempted(SystemExit):
@@ -37,15 +44,23 @@ class PreemptionHandler:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.signum: int | None = None
+        self.count = 0  # signals received
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        name = signal.Signals(signum).name
         if self.signum is None:
-            log.warning("received %s: finishing the current step, then checkpointing",
-                        signal.Signals(signum).name)
-        self.signum = signum
-        # A second signal gets the previous handler (e.g. KeyboardInterrupt for Ctrl-C twice).
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            self.signum = signum
+            log.warning("received %s: finishing the current step, then checkpointing", name)
+        elif self.count < FORCE_AFTER:
+            log.warning("received %s again: still finishing the step and checkpointing; %d more "
+                        "signal(s) force the exit without a checkpoint", name, FORCE_AFTER - self.count)
+        else:
+            log.warning("received %s %d times: exiting without a checkpoint", name, self.count)
+            previous = self._previous.get(signum)
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+            signal.raise_signal(signum)
 
     @property
     def requested(self) -> bool:

@@ -122,8 +122,9 @@ def train_model_advanced(
         TypeError / ValueError: bad options, model, loaders, labels or criterion, named; or a
             resume whose options, optimizer or loader generators do not fit the checkpoint
             (an option that may not change on resume, another optimizer type).
-        CheckpointError: an unusable checkpoint folder, no intact checkpoint to resume from, or
-            repeated failed writes.
+        CheckpointError: an unusable checkpoint folder, no intact checkpoint to resume from,
+            repeated failed writes, or (``RunLockedError``) another live run using the same
+            ``checkpoint_dir`` and ``model_name`` (the message names its pid and host).
         TrainingDivergedError: recovery used up its rollbacks (``.diagnosis`` says why).
         TrainingPreempted: after SIGTERM/SIGINT and the checkpoint (a ``SystemExit``; code 143
             or 130).
@@ -134,24 +135,30 @@ def train_model_advanced(
         torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     ctx = distributed.setup(device, cfg.dist_timeout)
+    run = None
     try:
-        result = _train(model, train_loader, val_loader, criterion, cfg, ctx.device(device), ctx)
+        run = RunFiles(cfg, ctx.is_main)  # takes the run's lock; released on every exit below
+        result = _train(model, train_loader, val_loader, criterion, cfg, ctx.device(device), ctx,
+                        run)
     except TrainingPreempted:
         ctx.teardown()  # every rank stops at the same step: tear down together
         raise
     except BaseException:
         ctx.abort()  # a failing rank must not wait for the others in a barrier
         raise
+    finally:
+        if run is not None:
+            run.close(raise_errors=False)
     ctx.teardown()
     return result
 
 
 def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iterable[Any] | None,
            criterion: Callable[..., torch.Tensor], cfg: TrainConfig, device: torch.device,
-           ctx: distributed.DistContext) -> dict[str, Any]:
-    """The body of :func:`train_model_advanced` once the process group (if any) is up."""
+           ctx: distributed.DistContext, run: RunFiles) -> dict[str, Any]:
+    """The body of :func:`train_model_advanced` once the process group (if any) is up and the
+    run's files are open."""
     model.to(device)
-    run = RunFiles(cfg, ctx.is_main)
     train_loader = ctx.shard(train_loader, cfg.seed or 0, train=True)
     if val_loader is not None:
         val_loader = ctx.shard(val_loader, cfg.seed or 0, train=False)
@@ -239,7 +246,7 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
     if cfg.resume is True:
         if run.last is None:
             raise ValueError("resume=True needs checkpoint_dir")
-        found = ck.find_resumable(run.last, cfg.keep_last, map_location=device)
+        found = ck.find_resumable(run.last, cfg.keep_last, map_location=device, best=run.best)
         if found is None:
             log.info("resume=True: no checkpoint for %r in %s; starting fresh", cfg.model_name,
                      run.dir)
@@ -278,8 +285,8 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
         epochs_done, start_batch = int(state[ck.EPOCH_KEY]), int(state[ck.STEP_KEY])
         global_step[0] = int(state.get(GLOBAL_STEP_KEY, 0))
         best.update(state[ck.BEST_KEY])
-        if run.best is not None and run.best.exists() and cfg.restore_best_weights:
-            best["state"] = ck.load_checkpoint(run.best, map_location=device)[ck.MODEL_KEY]
+        if cfg.restore_best_weights:  # a damaged _best.pt falls back with a warning
+            best["state"] = run.best_weights(best["epoch"], state, map_location=device)
         saved_loader = mine.get("loader") or {}
         now = {"global": mine["rng"], "generators": saved_loader.get("generators")}
         if start_batch:
@@ -430,6 +437,8 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
             else:
                 log.info(_summary_line(entry, cfg.epochs))
             run.save(payload(epoch, 0, None), best=improved, background=True)
+            if ctx.any_host(preempt.requested):  # signalled during validation or the last epoch
+                raise TrainingPreempted(preempt.signum or 15, str(run.last) if run.last else None)
             if stopped_early:
                 log.info("early stopping at epoch %d (best epoch %d)", epoch, best["epoch"])
 
