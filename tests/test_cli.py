@@ -250,7 +250,7 @@ BAD = [
     (["--set", "device=cuda:x"], {}, "got 'cuda:x'"),
     # augment options
     (["--set", "augment_options={noise_level: -1}"], {}, "augment_options={'noise_level': -1} "
-     "do not fit augment=None: audio: noise_level must be >= 0, got -1"),
+     "do not fit augment='audio': audio: noise_level must be >= 0, got -1"),
     (["--set", "augment_options={bogus: 1}"], {}, "audio: unknown option(s) bogus; valid: "),
     (["--set", "augment_options=[1]"], {}, "augment_options must be a dict, got [1]"),
     # YAML syntax errors

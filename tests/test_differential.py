@@ -30,9 +30,9 @@ same ones on every run; the first draw of each class is a telling one: a short m
 an accumulation window, warmup, clipping) and ``diff-long`` (30 random configurations per class):
 ``ADVTRAIN_DIFF_PROFILE=diff-long pytest tests/test_differential.py``.
 
-Intended semantics that the fixes of #2 (warmup), #3 (accumulation), #1 (samplers under DDP) and
-#19 (iterables without ``__len__``) must meet are stated in ``reference_loop.py``; the explicit
-``test_known_defect_example`` cases are marked ``xfail(strict=True)`` until those fixes land.
+The intended semantics (warmup, accumulation, samplers under DDP, iterables without
+``__len__``) are stated in ``reference_loop.py``; ``test_known_defect_example`` keeps one explicit
+configuration per defect the hardening issue fixed (each failed before its fix).
 """
 
 from __future__ import annotations
@@ -379,30 +379,30 @@ def test_matches_reference_loop(scheduler, data):
     check()
 
 
-# One explicit example per known defect (strict: an XPASS fails, so remove the mark with the fix).
-def _pending(config: Config, reason: str, ident: str) -> Any:
-    return pytest.param(config, marks=pytest.mark.xfail(strict=True, reason=reason), id=ident)
+# One explicit example per defect found by this test (each failed before its fix).
+def _defect(config: Config, reason: str, ident: str) -> Any:
+    return pytest.param(config, id=ident)
 
 
-PENDING = [
-    _pending(Config(sampler="subset", n=10, batch=2, scheduler="cosine", warmup=1, epochs=4),
-             "#2 pending: warmup shortens the cosine schedule", "2-cosine-warmup"),
-    _pending(Config(sampler="subset", n=10, batch=2, scheduler="onecycle", warmup=2),
-             "#2 pending: onecycle warms up twice", "2-onecycle-warmup"),
-    _pending(Config(sampler="subset", n=10, batch=4, accumulation=2),  # micro-batches 4 + 2
-             "#3 pending: micro-batch means are weighted equally", "3-short-micro-batch"),
-    _pending(Config(loader="unsized", sampler="subset", n=10, batch=2, accumulation=2),
-             "#3 pending: without __len__ the last partial window is dropped",  # 3 batches
+DEFECTS = [
+    _defect(Config(sampler="subset", n=10, batch=2, scheduler="cosine", warmup=1, epochs=4),
+             "#2: warmup shortens the cosine schedule", "2-cosine-warmup"),
+    _defect(Config(sampler="subset", n=10, batch=2, scheduler="onecycle", warmup=2),
+             "#2: onecycle warms up twice", "2-onecycle-warmup"),
+    _defect(Config(sampler="subset", n=10, batch=4, accumulation=2),  # micro-batches 4 + 2
+             "#3: micro-batch means are weighted equally", "3-short-micro-batch"),
+    _defect(Config(loader="unsized", sampler="subset", n=10, batch=2, accumulation=2),
+             "#3: without __len__ the last partial window is dropped",  # 3 batches
              "3-no-len-last-window"),
-    _pending(Config(loader="iterable", n=10, batch=3),
-             "#19 pending: an IterableDataset without __len__ raises TypeError", "19-iterable"),
-    _pending(Config(sampler="random", n=10, batch=3),
-             "new, unowned: check_inputs' iter() and first_batch's peek advance the "
+    _defect(Config(loader="iterable", n=10, batch=3),
+             "#19: an IterableDataset without __len__ raises TypeError", "19-iterable"),
+    _defect(Config(sampler="random", n=10, batch=3),
+             "found here: check_inputs' iter() and first_batch's peek advance the "
              "DataLoader's seeded generator", "seeded-generator-order"),
 ]
 
 
-@pytest.mark.parametrize("c", PENDING)
+@pytest.mark.parametrize("c", DEFECTS)
 def test_known_defect_example(c):
     assert_same(run_ours(c)[0].state_dict(), run_reference(c).state_dict(), c)
 

@@ -6,10 +6,12 @@ Used by :func:`advanced_training_utils.train.train_model_advanced`; each helper 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import itertools
 import logging
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -17,10 +19,12 @@ import torch
 from . import checkpoint as ck
 from .augmentation import DataAugmentation
 from .config import TrainConfig
+from .dataorder import find_generators
 from .loop import split_batch
 
 __all__ = ["check_device", "resolve_device", "infer_modality", "build_optimizer",
-           "build_augment", "first_batch", "check_labels", "check_inputs", "loader_length"]
+           "build_augment", "FirstBatchCheck", "rng_untouched", "check_labels", "check_inputs",
+           "loader_length"]
 
 log = logging.getLogger(__name__)
 
@@ -134,32 +138,21 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     return opt
 
 
-def build_augment(cfg: TrainConfig, sample: Any, seed: int | None
-                   ) -> tuple[Callable[[Any], Any] | None, DataAugmentation | None]:
+def build_augment(cfg: TrainConfig, seed: int | None
+                  ) -> tuple[Callable[[Any], Any] | None, DataAugmentation | None]:
     """The training batches' augmentation: ``(function, augmenter with state)`` or Nones.
 
     Augmentation runs only when ``use_augmentation=True`` *and* ``augment`` names the modality
     (``'audio'``, ``'emotion'``, ``'notes'``) or is a callable. With ``augment=None`` nothing is
-    applied and a WARNING says so, naming the modality the input shape suggests: a guessed
-    modality is never applied, because every augmentation changes values and the shape cannot
-    tell what the data are (a ``[B, 128]`` regression input is not a note roll to clamp to
-    [0, 1]).
+    applied, and :class:`FirstBatchCheck` logs a WARNING naming the modality the first batch's
+    shape suggests: a guessed modality is never applied, because every augmentation changes
+    values and the shape cannot tell what the data are (a ``[B, 128]`` regression input is not a
+    note roll to clamp to [0, 1]).
     """
-    if not cfg.use_augmentation:
+    if not cfg.use_augmentation or cfg.augment is None:
         return None, None
     if callable(cfg.augment):
         return cfg.augment, None
-    if cfg.augment is None:
-        try:
-            guess = f"; the input shape suggests augment={infer_modality(sample)!r}"
-        except (TypeError, ValueError):
-            guess = ""
-        shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
-        log.warning("use_augmentation=True but augment is not set: training WITHOUT "
-                    "augmentation (inputs %s%s). A modality is never guessed, since each one "
-                    "changes values; pass augment='audio'|'emotion'|'notes' or a callable, or "
-                    "use_augmentation=False", shape, guess)
-        return None, None
     aug = DataAugmentation(seed=seed)
     fn = {"audio": aug.augment_audio_features, "emotion": aug.augment_emotion_embedding,
           "notes": aug.augment_note_probabilities}[cfg.augment]
@@ -167,15 +160,63 @@ def build_augment(cfg: TrainConfig, sample: Any, seed: int | None
     return (lambda x: fn(x, **opts)), aug
 
 
-def first_batch(loader: Iterable[Any]) -> tuple[Any, Any]:
-    """Peek at the first batch without disturbing any RNG (the data order stays the same)."""
-    rng = ck.capture_rng()
+def _warn_unset_augment(sample: Any) -> None:
     try:
-        for batch in loader:
-            return split_batch(batch)
+        guess = f"; the input shape suggests augment={infer_modality(sample)!r}"
+    except (TypeError, ValueError):
+        guess = ""
+    shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
+    log.warning("use_augmentation=True but augment is not set: training WITHOUT augmentation "
+                "(inputs %s%s). A modality is never guessed, since each one changes values; "
+                "pass augment='audio'|'emotion'|'notes' or a callable, or "
+                "use_augmentation=False", shape, guess)
+
+
+class FirstBatchCheck:
+    """Checks made on the first training batch the run sees, as training reads it.
+
+    The checks (class labels in range for the model's outputs; the augmentation warning) run on
+    the batch the first epoch yields anyway, not on a separate peek: a peek would draw from the
+    user's RNGs (a DataLoader's ``generator`` draws each iterator's base seed, an iterable may
+    reshuffle), which shifts the data order of a run against the user's own loop.
+    """
+
+    def __init__(self, cfg: TrainConfig, criterion: Any, model: torch.nn.Module,
+                 device: torch.device) -> None:
+        self._args = (criterion, model, device)
+        self._warn_augment = bool(cfg.use_augmentation and cfg.augment is None)
+        self._done = False
+
+    def wrap(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """``batches`` itself, the first time with its first batch already read and checked
+        (here, before the epoch's loop starts: the checks read labels on the host)."""
+        if self._done:
+            return batches
+        self._done = True
+        for batch in batches:
+            x, y = split_batch(batch)
+            criterion, model, device = self._args
+            check_labels(criterion, model, x, y, device)
+            if self._warn_augment:
+                _warn_unset_augment(x)
+            return itertools.chain([batch], batches)
+        return batches
+
+
+@contextlib.contextmanager
+def rng_untouched(*loaders: Any) -> Iterator[None]:
+    """On exit, every RNG is as it was on entry: the global ones (python, numpy, torch) and the
+    ``torch.Generator`` objects ``loaders`` draw their order from (``DataLoader(generator=g)``,
+    ``RandomSampler(generator=g)``...). Creating a DataLoader iterator draws its base seed from
+    such a generator, so even ``iter(loader)`` would otherwise shift the user's seeded order."""
+    gens = find_generators(*loaders)
+    saved_global, saved = ck.capture_rng(), [g.get_state() for g in gens]
+    try:
+        yield
     finally:
-        ck.restore_rng(rng)
-    raise ValueError("train_loader is empty: it yielded no batch")
+        ck.restore_rng(saved_global)
+        for g, state in zip(gens, saved):
+            g.set_state(state)
 
 
 def check_labels(criterion: Any, model: torch.nn.Module, x: Any, y: Any,
@@ -224,7 +265,9 @@ def check_inputs(model: Any, train_loader: Any, val_loader: Any, criterion: Any)
             continue
         if not hasattr(loader, "__iter__"):
             raise TypeError(f"{name} must be an iterable of batches, got {type(loader).__name__}")
-    if iter(train_loader) is train_loader:
+    with rng_untouched(train_loader):
+        one_shot = iter(train_loader) is train_loader
+    if one_shot:
         raise TypeError("train_loader must be re-iterable once per epoch (a DataLoader, a list of "
                         "batches...), got a one-shot iterator/generator")
     if loader_length(train_loader) == 0:

@@ -46,11 +46,10 @@ from .loop import EpochSums, Parts, evaluate, read_sums, resolve_metrics, train_
 from .precision import MixedPrecisionTrainer
 from .preemption import PreemptionHandler, TrainingPreempted
 from .prepare import (
+    FirstBatchCheck,
     build_augment,
     build_optimizer,
     check_inputs,
-    check_labels,
-    first_batch,
     infer_modality,
     loader_length,
     resolve_device,
@@ -184,9 +183,8 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
             raise ValueError("scheduler_type='onecycle' needs a train_loader with a length")
         sched = LearningRateScheduler(optimizer, cfg.scheduler_type,
                                       **cfg.scheduler_options(steps_per_epoch or 1))
-    x0, y0 = first_batch(train_loader)  # of this rank's shard
-    check_labels(criterion, model, x0, y0, device)
-    augment, aug = build_augment(cfg, x0, cfg.seed)
+    first_check = FirstBatchCheck(cfg, criterion, model, device)  # on this rank's first batch
+    augment, aug = build_augment(cfg, cfg.seed)
     early = (EarlyStopping(cfg.early_stop_patience, cfg.min_delta)
              if cfg.early_stop_patience is not None else None)
     if val_loader is None and (early is not None or (sched is not None and sched.is_plateau)):
@@ -318,7 +316,7 @@ def _train(model: torch.nn.Module, train_loader: Iterable[Any], val_loader: Iter
             loader.set_epoch(epoch)
             if start_batch:
                 loader.start_epoch_at(resume_order, start_batch, resume_rng)
-            batches = iter(loader)
+            batches = first_check.wrap(iter(loader))
             check_from = [resume_check_from if start_batch else 0]
 
             def after_step(done: int, epoch_sums: EpochSums, epoch: int = epoch,
