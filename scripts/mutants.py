@@ -1,6 +1,7 @@
 """The mutants of ``scripts/mutation.py``: one plausible bug each, as an exact text substitution.
 
-Each entry names the file (relative to ``src/``), the exact original snippet (it must occur once),
+Each entry names the module by file name (``loop.py``; unique in the package, so the table
+survives moves between sub-packages), the exact original snippet (it must occur once),
 the mutated snippet, the test files that should catch it, and, for an equivalent mutant, why it
 cannot change behaviour. Keep the snippets short and unique; when the code moves, update them
 (the script reports a mutant whose snippet is gone as *stale*).
@@ -23,7 +24,5 @@ class Mutant:
     tests: tuple[str, ...]
     equivalent: str = ""
 
-
-PKG = "advanced_training_utils/"
 
 MUTANTS: list[Mutant] = []

@@ -36,9 +36,21 @@ from mutants import MUTANTS, Mutant  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "mutation.md"
 
 
+def _source(src: Path, name: str) -> Path | None:
+    """The module ``name`` (a file name such as ``loop.py``, unique in the package, or a path
+    below ``src/advanced_training_utils``), wherever the package layout puts it."""
+    pkg = src / "advanced_training_utils"
+    if (pkg / name).is_file():
+        return pkg / name
+    found = [p for p in pkg.rglob(Path(name).name) if "__pycache__" not in p.parts]
+    return found[0] if len(found) == 1 else None
+
+
 def _apply(src_copy: Path, m: Mutant) -> bool:
     """Apply ``m`` to the copy; False when the original snippet is not found exactly once."""
-    path = src_copy / m.file
+    path = _source(src_copy, m.file)
+    if path is None:
+        return False
     text = path.read_text()
     if text.count(m.original) != 1:
         return False
