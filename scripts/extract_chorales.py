@@ -1,7 +1,7 @@
 """Extract the four-part Bach chorales of the music21 corpus into a compact .npz (dev only).
 
 Needs ``pip install music21`` (the corpus ships inside the package and loads offline). Writes
-``src/advanced_training_utils/data/bach_chorales.npz``; the package itself needs only numpy.
+``src/advanced_training_utils/app/data/bach_chorales.npz``; the package itself needs only numpy.
 
 Arrays (one row per note, sorted by piece, voice, onset):
   note_piece, note_voice (0 soprano .. 3 bass), note_onset, note_duration (16th-note units),
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 VOICES = ("soprano", "alto", "tenor", "bass")
-OUT = Path(__file__).resolve().parents[1] / "src/advanced_training_utils/data/bach_chorales.npz"
+OUT = Path(__file__).resolve().parents[1] / "src/advanced_training_utils/app/data/bach_chorales.npz"
 
 
 def _voice_parts(score):

@@ -4,6 +4,6 @@
 ``from advanced_training_utils import train_model_advanced``.
 """
 
-from advanced_training_utils.train import train_model_advanced
+from advanced_training_utils.engine.run import train_model_advanced
 
 __all__ = ["train_model_advanced"]

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from advanced_training_utils.audio.cache import FeatureCache, feature_cache_dir
+from advanced_training_utils.app.audio.cache import FeatureCache, feature_cache_dir
 
 
 class Counter:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _audio_corpus import EMOTIONS, PROBLEMS, csv_corpus, folder_corpus, write_good
-from advanced_training_utils.audio import (
+from advanced_training_utils.app.audio import (
     AudioError,
     AudioFolderDataset,
     CsvAudioDataset,
@@ -15,7 +15,7 @@ from advanced_training_utils.audio import (
     load_audio,
     load_audio_splits,
 )
-from advanced_training_utils.audio.normalize import dataset_stats
+from advanced_training_utils.app.audio.normalize import dataset_stats
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 
 from _audio_corpus import PROBLEMS, sine, wav_header, write_broken
-from advanced_training_utils.audio.decode import AudioError, load_audio
+from advanced_training_utils.app.audio.decode import AudioError, load_audio
 
 
 def _peak_hz(x, rate):

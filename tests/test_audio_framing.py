@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from advanced_training_utils.audio.framing import (
+from advanced_training_utils.app.audio.framing import (
     center_offset,
     choose_crop_seconds,
     crop_or_pad,
     random_offset,
 )
-from advanced_training_utils.audio.normalize import STD_FLOOR, dataset_stats, normalize
+from advanced_training_utils.app.audio.normalize import STD_FLOOR, dataset_stats, normalize
 
 
 @pytest.mark.parametrize("durations, expected", [

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from advanced_training_utils.audio.logmel import (
+from advanced_training_utils.app.audio.logmel import (
     CHORALE_PARAMS,
     LogMel,
     hz_to_mel,
     mel_filterbank,
     mel_to_hz,
 )
-from advanced_training_utils.data import mel as chorale_mel
+from advanced_training_utils.app.data import mel as chorale_mel
 
 
 def _np_hz_to_mel(f, scale):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from advanced_training_utils.audio.splits import (
+from advanced_training_utils.app.audio.splits import (
     assign_groups,
     carve_val,
     grouped_split,

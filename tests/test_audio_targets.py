@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from advanced_training_utils.audio.targets import encode_targets, parse_target_names
+from advanced_training_utils.app.audio.targets import encode_targets, parse_target_names
 
 
 def test_text_target_is_classification_with_sorted_classes():

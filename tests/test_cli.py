@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from advanced_training_utils.app.cli import main
 from advanced_training_utils.checkpoint import STEP_KEY, load_checkpoint
-from advanced_training_utils.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,7 +153,7 @@ class _Stop(Exception):
 @pytest.fixture
 def task_seed(monkeypatch):
     """Replace the task builder: record the seed it is given, then stop before any data."""
-    import advanced_training_utils.tasks as tasks
+    import advanced_training_utils.app.tasks as tasks
 
     seen = []
 
@@ -175,7 +175,7 @@ def task_seed(monkeypatch):
     ("seed: 5\n", ["seed=null"], None, 0),   # an explicit null falls back to the default
 ])
 def test_seed_precedence(tmp_path, task_seed, config, sets, flag, expected):
-    from advanced_training_utils.cli import build_parser, resolve_options
+    from advanced_training_utils.app.cli import build_parser, resolve_options
 
     argv = ["train", "--task", "notes", "--out", str(tmp_path / "run"), "--quiet"]
     if config is not None:
@@ -193,7 +193,7 @@ def test_seed_precedence(tmp_path, task_seed, config, sets, flag, expected):
 
 
 def test_yaml_exponent_floats_are_floats():
-    from advanced_training_utils.cli import build_parser, resolve_options
+    from advanced_training_utils.app.cli import build_parser, resolve_options
 
     args = build_parser().parse_args(["train", "--set", "learning_rate=3e-4", "--set",
                                       "min_delta=1E-6"])
@@ -286,7 +286,7 @@ BAD = [
 @pytest.mark.parametrize("extra, files, message", BAD, ids=[" ".join(b[0])[:40] for b in BAD])
 def test_bad_values_exit_2_with_one_line_before_any_work(tmp_path, monkeypatch, capsys, extra,
                                                          files, message):
-    import advanced_training_utils.tasks as tasks
+    import advanced_training_utils.app.tasks as tasks
 
     def no_data(*a, **k):
         raise AssertionError("the task's data was built before the options were checked")
@@ -307,7 +307,7 @@ def test_bad_values_exit_2_with_one_line_before_any_work(tmp_path, monkeypatch, 
 
 def test_alias_bomb_is_small_on_disk_and_anchors_within_bounds_are_fine(tmp_path):
     assert len(_bomb().encode()) < 400  # like the issue's bomb: 405 bytes, 9**9 values
-    from advanced_training_utils.cli import build_parser, resolve_options
+    from advanced_training_utils.app.cli import build_parser, resolve_options
 
     ok = tmp_path / "ok.yaml"
     ok.write_text("learning_rate: &lr 0.01\nmax_lr: *lr\naugment_options: &o {noise_level: 0.1}\n")
@@ -458,7 +458,7 @@ def test_sigterm_to_the_ddp_launcher_preempts_torchrun_and_every_worker(tmp_path
 def _subparsers():
     import argparse
 
-    from advanced_training_utils.cli import build_parser
+    from advanced_training_utils.app.cli import build_parser
 
     action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return action.choices

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from advanced_training_utils.config import TrainConfig
+from advanced_training_utils.engine.config import TrainConfig
 
 
 @pytest.mark.parametrize("options, exc, message", [

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from advanced_training_utils.data import (
+from advanced_training_utils.app.data import (
     EMOTION_CLASSES,
     LogMel,
     chorale_windows,
@@ -12,7 +12,7 @@ from advanced_training_utils.data import (
     notes_dataset,
     render_notes,
 )
-from advanced_training_utils.data.datasets import _local_keys, melody_splits
+from advanced_training_utils.app.data.datasets import _local_keys, melody_splits
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +130,7 @@ def test_notes_dataset():
 def test_cache_dir_precedence(monkeypatch, tmp_path, advtrain, xdg, expected):
     from pathlib import Path
 
-    from advanced_training_utils.data.datasets import cache_dir
+    from advanced_training_utils.app.data.datasets import cache_dir
 
     monkeypatch.setenv("HOME", str(tmp_path))
     for name, value in (("ADVTRAIN_CACHE", advtrain), ("XDG_CACHE_HOME", xdg)):

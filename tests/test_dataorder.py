@@ -16,7 +16,7 @@ from torch.utils.data import (
 
 from _helpers import make_data
 from advanced_training_utils import train_model_advanced
-from advanced_training_utils.dataorder import find_generators
+from advanced_training_utils.engine.dataorder import find_generators
 
 CE = torch.nn.CrossEntropyLoss()
 N, BS = 96, 8  # 12 batches per epoch

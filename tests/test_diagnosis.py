@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from advanced_training_utils.report import diagnose, format_diagnosis, plot_history
+from advanced_training_utils.app.report import diagnose, format_diagnosis, plot_history
 
 
 def _h(train, val, lr=None, gmean=None, gmax=None, skipped=None, clip=None):
@@ -163,7 +163,7 @@ def test_each_remedy_is_given_only_where_it_applies(kind, config, stopped_early,
 
 
 def test_without_a_config_the_generic_remedies_are_given():
-    from advanced_training_utils.report.diagnosis import REMEDIES
+    from advanced_training_utils.app.report.diagnosis import REMEDIES
 
     for kind, history in CASES.items():
         (f,) = [f for f in diagnose(history) if f.kind == kind]
@@ -188,7 +188,7 @@ def test_whether_early_stopping_fired_is_read_from_the_history(improved, epochs,
 
 
 def test_a_saved_config_gives_the_same_remedies_as_the_options():
-    from advanced_training_utils.config import TrainConfig
+    from advanced_training_utils.engine.config import TrainConfig
 
     plain = TrainConfig.from_options(gradient_clip=0.5, scheduler_type="plateau",
                                      use_augmentation=True, early_stop_patience=4).to_plain()

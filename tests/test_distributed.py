@@ -24,7 +24,7 @@ from torch.utils.data import (
 
 import ddp_worker
 from advanced_training_utils import load_checkpoint, train_model_advanced
-from advanced_training_utils.distributed import DistContext, ShardedSampler
+from advanced_training_utils.engine.distributed import DistContext, ShardedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("ddp_worker.py")

@@ -32,7 +32,7 @@ import torch
 from _helpers import make_loaders
 from advanced_training_utils import CheckpointError, load_checkpoint, train_model_advanced
 from advanced_training_utils.checkpoint import EPOCH_KEY, STEP_KEY, checkpoint_chain
-from advanced_training_utils.preemption import TrainingPreempted
+from advanced_training_utils.engine.preemption import TrainingPreempted
 from faults import OPS, FileFaults, temp_files
 
 CE = torch.nn.CrossEntropyLoss()

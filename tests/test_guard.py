@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from advanced_training_utils import train_model_advanced
-from advanced_training_utils.guard import StepGuard
+from advanced_training_utils.engine.health.guard import StepGuard
 
 
 def _guard(spike_factor=10.0, window=20):

@@ -1,6 +1,6 @@
 import torch
 
-from advanced_training_utils.models import EmotionRecognizer, NoteGenerator
+from advanced_training_utils.app.models import EmotionRecognizer, NoteGenerator
 
 
 def test_emotion_recognizer_shapes_and_grad():

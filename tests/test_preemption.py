@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from advanced_training_utils.preemption import PreemptionHandler, TrainingPreempted
+from advanced_training_utils.engine.preemption import PreemptionHandler, TrainingPreempted
 
 
 class Forced(Exception):

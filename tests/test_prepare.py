@@ -5,9 +5,9 @@ import re
 import pytest
 import torch
 
-from advanced_training_utils import prepare
-from advanced_training_utils.config import TrainConfig
-from advanced_training_utils.prepare import check_device, resolve_device
+from advanced_training_utils.engine import prepare
+from advanced_training_utils.engine.config import TrainConfig
+from advanced_training_utils.engine.prepare import check_device, resolve_device
 
 
 @pytest.fixture

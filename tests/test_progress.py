@@ -8,7 +8,7 @@ import torch
 
 from _helpers import make_loaders, make_model
 from advanced_training_utils import train_model_advanced
-from advanced_training_utils.progress import Progress, is_interactive
+from advanced_training_utils.engine.progress import Progress, is_interactive
 
 EPOCHS = 3
 

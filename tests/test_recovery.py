@@ -8,7 +8,7 @@ import torch
 
 from _helpers import make_data, make_model
 from advanced_training_utils import load_checkpoint, train_model_advanced
-from advanced_training_utils.recovery import TrainingDivergedError
+from advanced_training_utils.engine.health.recovery import TrainingDivergedError
 
 CE = torch.nn.CrossEntropyLoss()
 F = (12,)

@@ -12,8 +12,14 @@ import torch
 from _helpers import make_loaders, make_model
 from advanced_training_utils import load_checkpoint, train_model_advanced
 from advanced_training_utils.checkpoint import save_checkpoint
-from advanced_training_utils.config import APPLIES, FIXED, NOT_COMPARED, RESUME_RULES, TrainConfig
-from advanced_training_utils.resume import optimizer_spec
+from advanced_training_utils.engine.config import (
+    APPLIES,
+    FIXED,
+    NOT_COMPARED,
+    RESUME_RULES,
+    TrainConfig,
+)
+from advanced_training_utils.engine.resume import optimizer_spec
 
 CE = torch.nn.CrossEntropyLoss()
 BASE = dict(epochs=2, learning_rate=3e-3, device="cpu", verbose=False, seed=0, model_name="m")
@@ -68,7 +74,7 @@ def test_changed_option_on_resume_warns_or_is_refused(name, saved_run, tmp_path,
     old = TrainConfig.from_options(**{**BASE, "checkpoint_dir": saved_run}).to_plain()[name]
     new = TrainConfig.from_options(**opts).to_plain()[name]
     tl, vl = make_loaders(n=32, batch_size=16)
-    with caplog.at_level(logging.WARNING, logger="advanced_training_utils.resume"):
+    with caplog.at_level(logging.WARNING, logger="advanced_training_utils.engine.resume"):
         if RESUME_RULES[name][0] == FIXED:
             match = ("this run uses SGD" if name == "optimizer"
                      else f"{name}: {old!r} -> {new!r}".replace("(", r"\(").replace(")", r"\)")

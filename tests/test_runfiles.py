@@ -12,7 +12,7 @@ import torch
 
 from _helpers import make_loaders, make_model
 from advanced_training_utils import TrainConfig, train_model_advanced
-from advanced_training_utils.runfiles import RunFiles
+from advanced_training_utils.engine.runfiles import RunFiles
 from faults import FileFaults
 
 OURS = [".m_last.pt.0123456789ab.tmp", ".m_last.1.pt.abcdef012345.tmp",

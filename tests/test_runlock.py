@@ -12,12 +12,12 @@ import torch
 
 from _helpers import make_loaders, make_model
 from advanced_training_utils import CheckpointError, TrainConfig, train_model_advanced
-from advanced_training_utils.runfiles import RunFiles
-from advanced_training_utils.runlock import RunLock, RunLockedError
+from advanced_training_utils.engine.runfiles import RunFiles
+from advanced_training_utils.engine.runlock import RunLock, RunLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTS = dict(epochs=1, device="cpu", verbose=False, model_name="m")
-HOLD = ("import sys, time; from advanced_training_utils.runlock import RunLock; "
+HOLD = ("import sys, time; from advanced_training_utils.engine.runlock import RunLock; "
         "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)")
 
 

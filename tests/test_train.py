@@ -10,7 +10,7 @@ import torch
 from _helpers import make_data, make_loaders, make_model
 from advanced_training_utils import load_checkpoint, train_model_advanced
 from advanced_training_utils.checkpoint import PRECISION_KEY, SCHEDULER_KEY
-from advanced_training_utils.train import infer_modality
+from advanced_training_utils.engine.run import infer_modality
 from enhanced_training_function import train_model_advanced as guide_import
 
 CE = torch.nn.CrossEntropyLoss()
@@ -288,7 +288,7 @@ _CONVERSIONS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__
 def _count_package_conversions(monkeypatch, run, only_in_steps=True):
     """Count tensor-to-host conversions whose caller is our package; with ``only_in_steps``,
     only while ``train_epoch`` runs (the training steps; epoch-end reads are outside it)."""
-    import advanced_training_utils.train as train_mod
+    import advanced_training_utils.engine.run as train_mod
 
     counts = {"n": 0, "inside": not only_in_steps, "epochs": 0}
     real_epoch = train_mod.train_epoch

@@ -7,13 +7,13 @@ from . import _version
 from .augmentation import SPECAUGMENT_POLICIES, DataAugmentation
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clipping import GradientClipper
-from .config import TrainConfig
 from .early_stopping import EarlyStopping
+from .engine.config import TrainConfig
+from .engine.presets import PRESETS, get_preset
+from .engine.run import train_model_advanced
 from .precision import MixedPrecisionTrainer
-from .presets import PRESETS, get_preset
 from .scheduler import SCHEDULER_TYPES, LearningRateScheduler
 from .stability import TrainingStability
-from .train import train_model_advanced
 
 #: The installed version (package metadata), ``"0+unknown"`` when run from an uninstalled tree.
 __version__ = _version.package_version()

@@ -1,5 +1,5 @@
 """``python -m advanced_training_utils`` runs the ``advtrain`` command line."""
 
-from .cli import main
+from .app.cli import main
 
 raise SystemExit(main())

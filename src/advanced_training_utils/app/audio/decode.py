@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validate import check_choice, check_int
+from ..._validate import check_choice, check_int
 
 __all__ = ["AUDIO_EXTENSIONS", "AudioError", "load_audio", "RESAMPLE_QUALITY"]
 

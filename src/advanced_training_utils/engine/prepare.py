@@ -1,6 +1,6 @@
 """Building and checking what a training run needs: device, optimizer, augmentation, inputs.
 
-Used by :func:`advanced_training_utils.train.train_model_advanced`; each helper raises a
+Used by :func:`advanced_training_utils.engine.run.train_model_advanced`; each helper raises a
 ``ValueError``/``TypeError`` naming the problem before any training step runs.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from . import checkpoint as ck
-from .augmentation import DataAugmentation
+from .. import checkpoint as ck
+from ..augmentation import DataAugmentation
 from .config import TrainConfig
 from .dataorder import find_generators
 from .loop import split_batch
@@ -120,7 +120,7 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
         raise ValueError("model has no trainable parameters (requires_grad=True): nothing to train")
     opt = cfg.optimizer
     if opt is None:
-        try:  # fused: fastest, and it can skip a bad step on the device (see guard.py)
+        try:  # fused: fastest, and it can skip a bad step on the device (see health/guard.py)
             opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                     fused=True)
         except (RuntimeError, TypeError, ValueError):

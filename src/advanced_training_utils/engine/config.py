@@ -4,7 +4,7 @@ Defaults live here and nowhere else. ``TrainConfig.from_options(**kw)`` rejects 
 a message listing the valid ones, then validates every field once.
 
 :data:`RESUME_RULES` says, for every option, whether it may change when a run resumes from a
-checkpoint (see :func:`advanced_training_utils.resume.check_options`).
+checkpoint (see :func:`advanced_training_utils.engine.resume.check_options`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._validate import check_choice, check_int, check_real
-from .scheduler import SCHEDULER_TYPES
+from .._validate import check_choice, check_int, check_real
+from ..scheduler import SCHEDULER_TYPES
 
 __all__ = ["TrainConfig", "AUGMENT_MODALITIES", "RESUME_RULES", "APPLIES", "FIXED",
            "NOT_COMPARED"]
@@ -238,7 +238,7 @@ class TrainConfig:
         the check assumes enough of them for any warmup, and the run checks the real horizon."""
         import torch
 
-        from .scheduler import LearningRateScheduler
+        from ..scheduler import LearningRateScheduler
 
         for name in ("factor", "gamma", "max_lr"):
             if getattr(self, name) is not None:
@@ -328,7 +328,7 @@ def _dry_augment(modality: str, options: dict[str, Any]) -> None:
     its own argument checks run (unknown keys are named with the valid ones)."""
     import torch
 
-    from .augmentation import DataAugmentation
+    from ..augmentation import DataAugmentation
 
     method, shape = _AUGMENT_METHODS[modality]
     fn = getattr(DataAugmentation(seed=0), method)

@@ -41,12 +41,12 @@ from typing import Any
 
 import yaml
 
-from .config import TrainConfig
-from .presets import PRESET_ALIASES, PRESETS, get_preset
+from ..engine.config import TrainConfig
+from ..engine.presets import PRESET_ALIASES, PRESETS, get_preset
 
 __all__ = ["main", "build_parser", "resolve_options", "write_report"]
 
-log = logging.getLogger("advanced_training_utils.cli")
+log = logging.getLogger("advanced_training_utils.app.cli")
 
 # Options the CLI sets itself from the run directory; not settable by --set or a config file.
 _RESERVED = {"checkpoint_dir", "model_name", "metrics_file", "resume", "optimizer", "augment"}
@@ -107,7 +107,7 @@ Example:
 def build_parser() -> argparse.ArgumentParser:
     """The ``advtrain`` parser: ``--version``, and the ``train``, ``report`` and ``presets``
     commands, each with its defaults and an example in ``--help``."""
-    from ._version import package_version
+    from .._version import package_version
     from .tasks import TASK_TRAIN_DEFAULTS, TASKS
 
     p = argparse.ArgumentParser(prog="advtrain", description="Train and inspect the built-in "
@@ -252,7 +252,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _check_task_options(task: str, options: dict[str, Any]) -> None:
     """The task's own options (``batch_size``, ``per_piece``), checked before any data."""
-    from ._validate import check_int
+    from .._validate import check_int
 
     try:
         if "batch_size" in options:
@@ -365,9 +365,9 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
-    from .distributed import env_world_size
+    from ..engine.distributed import env_world_size
+    from ..engine.run import resolve_device, train_model_advanced
     from .tasks import build_task
-    from .train import resolve_device, train_model_advanced
 
     if args.nproc_per_node < 1:
         raise CLIError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
@@ -454,7 +454,7 @@ def _find_metrics(run_dir: Path, model_name: str | None) -> tuple[Path, str | No
 
 def _config_from_checkpoint(where: Path, model_name: str | None) -> dict[str, Any] | None:
     """The options saved in the run's newest readable checkpoint, or None."""
-    from . import checkpoint as ck
+    from .. import checkpoint as ck
 
     for d in (where, where / "checkpoints"):
         stems = [model_name] if model_name else [p.name[:-len("_last.pt")]

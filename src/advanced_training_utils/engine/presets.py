@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ._validate import check_choice
+from .._validate import check_choice
 from .config import TrainConfig
 
 __all__ = ["PRESETS", "PRESET_ALIASES", "get_preset"]

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ._validate import check_int, check_real
+from ..._validate import check_int, check_real
 
 __all__ = ["StepGuard"]
 

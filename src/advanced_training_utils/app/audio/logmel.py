@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._validate import check_choice, check_int, check_real
+from ..._validate import check_choice, check_int, check_real
 
 __all__ = ["CHORALE_PARAMS", "LogMel", "hz_to_mel", "mel_filterbank", "mel_to_hz"]
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .._validate import check_choice
+from ..._validate import check_choice
 
 __all__ = ["TASKS", "encode_targets", "parse_target_names"]
 

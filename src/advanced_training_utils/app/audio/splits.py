@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .._validate import check_int, check_real
+from ..._validate import check_int, check_real
 
 __all__ = ["SPLITS", "SPLIT_SEED", "assign_groups", "carve_val", "grouped_split",
            "leaking_groups", "parse_split_labels"]

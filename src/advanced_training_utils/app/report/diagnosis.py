@@ -139,7 +139,7 @@ def _config_with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` over :class:`TrainConfig`'s defaults (a partial config omits defaults)."""
     import dataclasses
 
-    from ..config import TrainConfig
+    from ...engine.config import TrainConfig
 
     out = {f.name: f.default for f in dataclasses.fields(TrainConfig)
            if f.default is not dataclasses.MISSING}

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .._validate import check_int, check_real
+from ..._validate import check_int, check_real
 
 __all__ = ["center_offset", "choose_crop_seconds", "crop_or_pad", "random_offset"]
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .._validate import check_int
+from ..._validate import check_int
 from .cache import FeatureCache
 from .corpus import Corpus, read_csv_corpus, read_folder_corpus
 from .features import Extracted, FeatureExtractor

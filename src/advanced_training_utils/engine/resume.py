@@ -1,8 +1,8 @@
 """Checks a checkpoint against the run that resumes from it, before anything is loaded.
 
 * :func:`check_options`: the saved options against the new ones, by the rules of
-  :data:`~advanced_training_utils.config.RESUME_RULES` (a changed option either applies, with a
-  warning naming old and new values, or is refused with a ``ValueError``);
+  :data:`~advanced_training_utils.engine.config.RESUME_RULES` (a changed option either applies,
+  with a warning naming old and new values, or is refused with a ``ValueError``);
 * :func:`check_optimizer`: the saved optimizer against the new one, by type, param-group keys and
   hyperparameters (an AdamW state loaded into SGD would fail later with ``KeyError: 'momentum'``;
   an Adam state loaded into AdamW would silently train as Adam).

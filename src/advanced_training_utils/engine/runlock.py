@@ -21,8 +21,8 @@ import socket
 import time
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .safeio import O_CLOEXEC, O_NOFOLLOW, write_all
+from ..checkpoint import CheckpointError
+from ..safeio import O_CLOEXEC, O_NOFOLLOW, write_all
 
 try:
     import fcntl

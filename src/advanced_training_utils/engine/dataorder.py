@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from . import checkpoint as ck
+from .. import checkpoint as ck
 from .distributed import order_is_per_epoch
 
 __all__ = ["EpochOrder", "ResumableLoader", "find_generators", "make_resumable"]

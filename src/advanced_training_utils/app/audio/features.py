@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validate import check_choice
+from ..._validate import check_choice
 from .cache import FeatureCache
 from .decode import RESAMPLE_QUALITY, AudioError, load_audio
 from .logmel import LogMel

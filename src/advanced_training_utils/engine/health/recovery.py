@@ -24,8 +24,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._validate import check_int, check_real
-from .stability import TrainingStability
+from ..._validate import check_int, check_real
+from ...stability import TrainingStability
 
 __all__ = ["Recovery", "RecoveryEvent", "TrainingDivergedError"]
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from .clipping import GradientClipper
-from .guard import StepGuard
-from .precision import MixedPrecisionTrainer
-from .scheduler import LearningRateScheduler
+from ..clipping import GradientClipper
+from ..precision import MixedPrecisionTrainer
+from ..scheduler import LearningRateScheduler
+from .health.guard import StepGuard
 
 __all__ = ["Parts", "split_batch", "train_epoch", "evaluate", "read_sums", "accuracy",
            "resolve_metrics"]

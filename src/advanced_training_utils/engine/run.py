@@ -35,15 +35,18 @@ from typing import Any
 
 import torch
 
-from . import checkpoint as ck
+from .. import checkpoint as ck
+from ..clipping import GradientClipper
+from ..early_stopping import EarlyStopping
+from ..precision import MixedPrecisionTrainer
+from ..scheduler import LearningRateScheduler
+from ..stability import TrainingStability
 from . import distributed
-from .clipping import GradientClipper
 from .config import TrainConfig
 from .dataorder import make_resumable
-from .early_stopping import EarlyStopping
-from .guard import StepGuard
+from .health.guard import StepGuard
+from .health.recovery import Recovery
 from .loop import EpochSums, Parts, evaluate, read_sums, resolve_metrics, train_epoch
-from .precision import MixedPrecisionTrainer
 from .preemption import PreemptionHandler, TrainingPreempted
 from .prepare import (
     FirstBatchCheck,
@@ -55,11 +58,8 @@ from .prepare import (
     resolve_device,
 )
 from .progress import Progress
-from .recovery import Recovery
 from .resume import check_optimizer, check_options, optimizer_spec
 from .runfiles import RunFiles, closing
-from .scheduler import LearningRateScheduler
-from .stability import TrainingStability
 
 __all__ = ["train_model_advanced", "resolve_device", "infer_modality"]
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from . import checkpoint as ck
-from . import safeio
+from .. import checkpoint as ck
+from .. import safeio
 from .config import TrainConfig
 from .runlock import RunLock
 

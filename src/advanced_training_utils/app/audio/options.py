@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._validate import check_choice, check_int, check_real
+from ..._validate import check_choice, check_int, check_real
 from .features import ON_ERROR
 from .logmel import LogMel
 from .normalize import NORMALIZATIONS

@@ -1,0 +1,1 @@
+"""The run's health: the bad-step guard (``guard``) and divergence recovery (``recovery``)."""
