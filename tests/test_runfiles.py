@@ -4,6 +4,7 @@ across a failed write, TensorBoard output of ``tensorboard=True``."""
 import errno
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -92,3 +93,102 @@ def test_without_tensorboard_a_clear_warning_and_the_run_goes_on(tmp_path, monke
     assert res["epochs_run"] == EPOCHS and len(res["history"]) == EPOCHS
     assert res["last_checkpoint"] is not None and Path(res["last_checkpoint"]).is_file()
     assert not (tmp_path / "ckpt" / "tensorboard").exists()
+
+
+# ---------------------------------------------------------------- found by a new user's code
+def _fit(ckpt, epochs=1, train=None, **kw):
+    tl, vl = make_loaders(n=64, batch_size=16)
+    model = make_model()
+    return model, train_model_advanced(model, train or tl, vl, torch.nn.CrossEntropyLoss(),
+                                       epochs=epochs, device="cpu", verbose=False,
+                                       checkpoint_dir=ckpt, model_name="m", **kw)
+
+
+def test_a_fresh_run_moves_the_earlier_runs_checkpoints_aside(tmp_path):
+    from advanced_training_utils.checkpoint import HISTORY_KEY, load_checkpoint
+    _fit(tmp_path, epochs=3)                      # run A: m_last.pt, m_last.1.pt, m_best.pt
+    assert {"m_last.pt", "m_last.1.pt", "m_best.pt"} <= {p.name for p in tmp_path.iterdir()}
+    _fit(tmp_path, epochs=1)                      # run B, fresh
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "m_last.1.pt" not in names             # B has written one checkpoint only
+    assert len(load_checkpoint(tmp_path / "m_last.pt")[HISTORY_KEY]) == 1
+    aside = sorted(n for n in names if n.startswith("m_last.") and n.count(".") == 2)
+    assert len(aside) == 1 and len(load_checkpoint(tmp_path / aside[0])[HISTORY_KEY]) == 3
+    (tmp_path / "m_last.pt").write_bytes(b"")     # damage B's newest: resume must not find A
+    _, r = _fit(tmp_path, epochs=1, resume=True)
+    assert len(r["history"]) == 1                 # B's best (epoch 1), never A's epoch 3
+
+
+class _Chdir(torch.utils.data.Dataset):
+    """A user's dataset that changes the working folder while it is read."""
+
+    def __init__(self, ds, to):
+        self.ds, self.to = ds, to
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if i == 5:
+            os.chdir(self.to)
+        return self.ds[i]
+
+
+def test_a_relative_checkpoint_dir_stays_where_the_run_started(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    monkeypatch.chdir(a)
+    tl, _ = make_loaders(n=64, batch_size=16)
+    train = torch.utils.data.DataLoader(_Chdir(tl.dataset, b), batch_size=16)
+    _, r = _fit("ckpt", train=train)
+    assert not (b / "ckpt").exists()
+    assert (a / "ckpt" / "m_last.pt").is_file() and (a / "ckpt" / "m_metrics.jsonl").is_file()
+    assert Path(r["last_checkpoint"]).is_absolute()
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_a_checkpoint_error(tmp_path):
+    from advanced_training_utils.checkpoint import CheckpointError
+    f = tmp_path / "file"
+    f.write_text("x")
+    for where in (f, f / "sub"):
+        with pytest.raises(CheckpointError, match="checkpoint_dir"):
+            _fit(where)
+    assert f.read_text() == "x"
+
+
+def test_tensorboard_without_a_checkpoint_dir_writes_no_none_folder(tmp_path, monkeypatch):
+    import torch.utils.tensorboard as tb
+    seen = []
+
+    class Writer:
+        def __init__(self, logdir=None):
+            seen.append(logdir)
+
+        def add_scalar(self, *a):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tb, "SummaryWriter", Writer)
+    monkeypatch.chdir(tmp_path)
+    _fit(None, tensorboard=True)
+    assert seen == [None] and not (tmp_path / "None").exists()
+
+
+class _Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        if i == 37:
+            raise OSError("corrupt clip 37")
+        return torch.zeros(8, 6), 0
+
+
+def test_the_lock_is_released_when_a_worker_process_is_still_alive(tmp_path):
+    """A DataLoader worker forked while the lock was held keeps a copy of its descriptor."""
+    broken = torch.utils.data.DataLoader(_Broken(), batch_size=16, num_workers=2)
+    with pytest.raises(Exception, match="corrupt clip 37"):
+        _fit(tmp_path, train=broken)
+    _fit(tmp_path)  # same process, workers of the failed run possibly alive: not locked

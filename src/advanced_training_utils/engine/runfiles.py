@@ -56,13 +56,15 @@ class RunFiles:
 
     def __init__(self, cfg: TrainConfig, is_main: bool = True) -> None:
         self.is_main = is_main
-        self.dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
+        # absolute now: a relative folder must not follow a later os.chdir of the user's code
+        self.dir = (Path(cfg.checkpoint_dir).absolute() if cfg.checkpoint_dir is not None
+                    else None)
         self.keep_last = cfg.keep_last
         name = cfg.model_name
         self.name = name
         self.best = self.dir / f"{name}_best.pt" if self.dir else None
         self.last = self.dir / f"{name}_last.pt" if self.dir else None
-        self.metrics = (Path(cfg.metrics_file) if cfg.metrics_file is not None
+        self.metrics = (Path(cfg.metrics_file).absolute() if cfg.metrics_file is not None
                         else self.dir / f"{name}_metrics.jsonl" if self.dir else None)
         self.tb = None
         self.failures = 0           # checkpoint writes failed in a row
@@ -71,10 +73,10 @@ class RunFiles:
         self._rewrite = False       # the metrics file must become exactly ``_unwritten``
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
-        self._old_log = False  # an earlier run's metrics log to move aside before our writes
+        self._old_files: list[Path] = []  # an earlier run's files to move aside before our writes
         self.lock = RunLock(self.dir / f"{name}.lock") if self.dir and is_main else None
         if self.dir is not None and is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            _make_dir(self.dir)
             _check_writable(self.dir / f"{name}.write-test")
             self.lock.acquire()
             safeio.remove_stale_temps(self.dir, self._is_ours)
@@ -82,9 +84,11 @@ class RunFiles:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.dir / "tensorboard" if self.dir else None))
+                # no checkpoint_dir: TensorBoard's own default folder (./runs/...)
+                self.tb = SummaryWriter(str(self.dir / "tensorboard") if self.dir else None)
             except ImportError:
-                warnings.warn("tensorboard=True but tensorboard is not installed; skipping it",
+                warnings.warn("tensorboard=True but tensorboard is not installed (pip install "
+                              "'advanced-training-utils[tensorboard]'); skipping it",
                               RuntimeWarning, stacklevel=3)
 
     def _is_ours(self, final: str) -> bool:
@@ -174,31 +178,32 @@ class RunFiles:
         self._flush_metrics()
 
     def keep_previous_log(self) -> None:
-        """This run is fresh: an existing metrics log is an earlier run's. Keep it until this run
-        writes its first metrics line or checkpoint, then move it aside (module docstring)."""
-        self._old_log = bool(self.is_main and self.metrics is not None
-                             and os.path.lexists(self.metrics))
+        """This run is fresh: an existing metrics log and checkpoints under this model name are
+        an earlier run's. Keep them until this run writes its first metrics line or checkpoint,
+        then move them aside under a time stamp (module docstring), so that a later
+        ``resume=True`` can never fall back to the earlier run's ``_last.1.pt`` or ``_best.pt``."""
+        if not self.is_main:
+            return
+        chain = ck.checkpoint_chain(self.last, max(self.keep_last, 8)) if self.last else []
+        candidates = [*([self.metrics] if self.metrics else []), *chain,
+                      *([self.best] if self.best else [])]
+        self._old_files = [f for f in candidates if os.path.lexists(f)]
 
     def _move_old_log(self) -> None:
-        if not self._old_log:
+        """Move the earlier run's files aside (once; see :meth:`keep_previous_log`)."""
+        old, self._old_files = self._old_files, []
+        if not old:
             return
-        self._old_log = False
-        assert self.metrics is not None
-        try:
-            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.metrics.lstat().st_mtime))
-            for n in range(1000):
-                target = self.metrics.with_name(
-                    f"{self.metrics.stem}.{stamp}{f'-{n}' if n else ''}{self.metrics.suffix}")
-                if not os.path.lexists(target):
-                    break
-            else:
-                raise FileExistsError(f"{target} and 999 others like it exist")
-            os.rename(self.metrics, target)  # a symlink is moved, never followed
-        except OSError as e:
-            log.error("could not move the earlier run's metrics log %s aside (%s); this run's "
-                      "lines are appended to it", self.metrics, e)
-            return
-        log.info("an earlier run's metrics log was moved to %s", target)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(
+            max(f.lstat().st_mtime for f in old)))
+        for f in old:
+            try:
+                target = _aside(f, stamp)
+                os.rename(f, target)  # a symlink is moved, never followed
+            except OSError as e:
+                log.error("could not move the earlier run's %s aside (%s)", f, e)
+                continue
+            log.info("an earlier run's %s was moved to %s", f.name, target.name)
 
     def write_metrics(self, entry: dict[str, Any]) -> None:
         """Append one epoch's line to the metrics log (and TensorBoard); a failure is logged,
@@ -273,6 +278,26 @@ def _cpu_copy(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_cpu_copy(v) for v in obj)
     return obj
+
+
+def _aside(path: Path, stamp: str) -> Path:
+    """A free name ``{stem}.{stamp}[-n]{suffix}`` beside ``path`` (``m_last.1.pt`` ->
+    ``m_last.1.20261127-151500.pt``: no longer a checkpoint name this run reads or removes)."""
+    for n in range(1000):
+        target = path.with_name(f"{path.stem}.{stamp}{f'-{n}' if n else ''}{path.suffix}")
+        if not os.path.lexists(target):
+            return target
+    raise FileExistsError(f"{target} and 999 others like it exist")
+
+
+def _make_dir(folder: Path) -> None:
+    """Create the checkpoint folder; a clear :class:`CheckpointError` when it cannot be one."""
+    if folder.exists() and not folder.is_dir():
+        raise ck.CheckpointError(folder, "checkpoint_dir is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ck.CheckpointError(folder, f"checkpoint_dir cannot be created ({e})") from e
 
 
 def _check_writable(probe: Path) -> None:

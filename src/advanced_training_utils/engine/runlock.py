@@ -98,7 +98,13 @@ class RunLock:
         """Drop the lock (the file stays); a no-op when not held."""
         fd, self._fd = self._fd, None
         if fd is not None:
-            os.close(fd)  # closing the only descriptor releases the flock
+            # Unlock explicitly: a forked child (a DataLoader worker still alive after an
+            # exception) holds a copy of the descriptor, and closing ours alone would leave the
+            # lock held until that child exits.
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
 
 
 def _read_holder(fd: int) -> str:
