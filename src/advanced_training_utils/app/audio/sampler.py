@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import RandomSampler, Sampler
 
 from ..._validate import check_int
 
@@ -26,8 +26,8 @@ __all__ = ["EpochSampler"]
 
 
 class EpochSampler(Sampler[int]):
-    """A random permutation of ``range(len(dataset))`` per iteration, drawn exactly as
-    ``RandomSampler(dataset, generator=generator)`` draws it; :meth:`set_epoch` is passed to the
+    """A random permutation of ``range(len(dataset))`` per iteration, drawn by
+    ``RandomSampler(dataset, generator=generator)`` (the same draws); :meth:`set_epoch` is passed to the
     dataset (when it has one).
 
     Args:
@@ -58,8 +58,6 @@ class EpochSampler(Sampler[int]):
             hook(self.epoch)
 
     def __iter__(self) -> Iterator[int]:
-        g = self.generator
-        if g is None:  # as RandomSampler: a fresh seed from the global RNG per iteration
-            g = torch.Generator()
-            g.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
-        return iter(torch.randperm(len(self.dataset), generator=g).tolist())
+        # a RandomSampler over the current ``generator`` attribute (which a DDP wrapper may
+        # swap for a seeded one while it draws): the same draws, to the last generator call
+        return iter(RandomSampler(self.dataset, generator=self.generator))  # type: ignore[arg-type]
