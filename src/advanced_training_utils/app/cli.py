@@ -103,7 +103,7 @@ Examples:
   advtrain train --task notes --epochs 5 --set learning_rate=1e-3 --set batch_size=128 \\
                  --out runs/notes
   advtrain train --task emotion --config my.yaml --out runs/emotion --resume
-  advtrain train --data corpus/labels.csv --target emotion --split-column split \
+  advtrain train --data corpus/labels.csv --target emotion --split-column split \\
                  --group-column speaker --out runs/mine
   advtrain train --data corpus/labels.csv --target valence,arousal --out runs/va
   advtrain train --data wavs/ --out runs/folder     # wavs/<class>/*.wav
