@@ -1,9 +1,20 @@
 """advanced-training-utils: training utilities for audio-emotion and emotion-to-music models.
 
-This module only re-exports the public API; each name lives in a module of its own.
+This module only re-exports the public API; each name lives in a module of its own. The audio
+datasets (``load_audio_splits``, ``CsvAudioDataset``...) decode files with the ``audio`` extra
+(soundfile, soxr), imported when the first file is read.
 """
 
 from . import _version
+from .app.audio import (
+    AudioDataset,
+    AudioFolderDataset,
+    AudioSplits,
+    CsvAudioDataset,
+    EpochSampler,
+    LogMel,
+    load_audio_splits,
+)
 from .augmentation import SPECAUGMENT_POLICIES, DataAugmentation
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clipping import GradientClipper
@@ -22,15 +33,22 @@ __all__ = [
     "PRESETS",
     "SCHEDULER_TYPES",
     "SPECAUGMENT_POLICIES",
+    "AudioDataset",
+    "AudioFolderDataset",
+    "AudioSplits",
     "CheckpointError",
+    "CsvAudioDataset",
     "DataAugmentation",
     "EarlyStopping",
+    "EpochSampler",
     "GradientClipper",
     "LearningRateScheduler",
+    "LogMel",
     "MixedPrecisionTrainer",
     "TrainConfig",
     "TrainingStability",
     "get_preset",
+    "load_audio_splits",
     "load_checkpoint",
     "save_checkpoint",
     "train_model_advanced",

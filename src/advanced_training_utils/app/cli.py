@@ -1,8 +1,11 @@
-"""``advtrain``: train the built-in tasks, report on a run, list presets.
+"""``advtrain``: train the built-in tasks or your own audio, report on a run, list presets.
 
     advtrain train --task emotion|notes --preset fast|stable|memory_constrained --epochs N
                    --out DIR [--resume] [--seed S] [--device D] [--config FILE.yaml]
                    [--set key=value ...] [--nproc-per-node N]
+    advtrain train --data path/labels.csv --target emotion [--split-column split]
+                   [--group-column speaker] [--path-column path] --out DIR [options as above]
+    advtrain train --data path/folder/ --out DIR [options as above]
     advtrain report DIR [--model-name NAME]
     advtrain presets
     advtrain --version
@@ -13,6 +16,16 @@ Options are layered, later wins: the task's defaults, the preset, the YAML confi
 then the explicit flags (``--epochs``, ``--seed``, ``--device``). ``seed`` follows the same rule
 (``--seed`` > ``--set seed=`` > the config file > 0). A run directory holds ``checkpoints/``,
 ``metrics.jsonl``, ``summary.json``, ``report.png`` and ``diagnosis.txt``.
+
+``--data`` (instead of ``--task``) trains on your own audio (:mod:`.usertask`): a labels CSV
+(paths relative to its folder; one non-numeric ``--target`` column gives classification, one or
+more numeric ones, ``--target valence,arousal``, regression) or a folder with one subfolder per
+class. Its summary.json holds the held-out test metrics as ``"test": {"uar", "macro_f1",
+"accuracy", "per_class_recall": {...}}`` or ``"test": {"ccc", "ccc_<target>", "mae", ...}``,
+and under ``"data"`` the split sizes, the training length (``crop_seconds``, ``crop_frames``),
+the normalisation, the feature parameters and the skipped files with their problem. Its task
+options (``--set``): batch_size, n_mels, features (speech / chorale), crop_seconds,
+normalization, eval_crop, on_error.
 
 Every option is checked before any data is rendered or loaded: a bad value, an unknown key or
 invalid YAML exits with code 2 and one line, ``advtrain: error: ...``, naming the option. A config
@@ -78,6 +91,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 _EPILOG = """\
 Examples:
   advtrain train --task emotion --preset stable --out runs/emotion
+  advtrain train --data corpus/labels.csv --target emotion --group-column speaker --out runs/mine
   advtrain report runs/emotion
   advtrain presets
 
@@ -89,6 +103,10 @@ Examples:
   advtrain train --task notes --epochs 5 --set learning_rate=1e-3 --set batch_size=128 \\
                  --out runs/notes
   advtrain train --task emotion --config my.yaml --out runs/emotion --resume
+  advtrain train --data corpus/labels.csv --target emotion --split-column split \\
+                 --group-column speaker --out runs/mine
+  advtrain train --data corpus/labels.csv --target valence,arousal --out runs/va
+  advtrain train --data wavs/ --out runs/folder     # wavs/<class>/*.wav
 
 Options layer, later wins: the task's defaults, the preset, --config, --set, then --epochs,
 --seed and --device."""
@@ -115,15 +133,35 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=_EPILOG, formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version", version=f"advtrain {package_version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a built-in task into a run directory",
-                       description="Train a built-in task into a run directory:\ncheckpoints/, "
-                       "metrics.jsonl, summary.json, report.png, diagnosis.txt.",
+    t = sub.add_parser("train", help="train a built-in task or your audio into a run directory",
+                       description="Train a built-in task (--task) or your own audio (--data) "
+                       "into a run directory:\ncheckpoints/, metrics.jsonl, summary.json, "
+                       "report.png, diagnosis.txt.",
                        epilog=_TRAIN_EPILOG, formatter_class=_HelpFormatter)
-    t.add_argument("--task", choices=TASKS, default="emotion", help="the built-in task")
+    t.add_argument("--task", choices=TASKS, default=None,
+                   help="the built-in task; not with --data (default: emotion)")
+    d = t.add_argument_group("your own audio (instead of --task)")
+    d.add_argument("--data", type=Path, default=None,
+                   help="a labels .csv (paths relative to its folder) or a folder with one "
+                   "subfolder per class (default: none: --task)")
+    d.add_argument("--target", default=None,
+                   help="CSV label column; several numeric ones (valence,arousal) give regression "
+                   "(default: none; required with a CSV)")
+    d.add_argument("--split-column", default=None,
+                   help="CSV column of train/val/test (any subset); val is carved from train by "
+                   "group when missing (default: none: a grouped 80/10/10 split)")
+    d.add_argument("--group-column", default=None,
+                   help="CSV column kept within one split, e.g. speaker (default: none: each "
+                   "file alone)")
+    d.add_argument("--path-column", default=None,
+                   help="CSV column of the audio paths (default: path)")
     t.add_argument("--preset", default="stable",
                    help="one of: " + ", ".join([*PRESETS, *PRESET_ALIASES])
                    + " (see advtrain presets)")
-    epochs = ", ".join(f"{k} {v['epochs']}" for k, v in TASK_TRAIN_DEFAULTS.items())
+    from .usertask import AUDIO_TRAIN_DEFAULTS
+
+    epochs = ", ".join([*(f"{k} {v['epochs']}" for k, v in TASK_TRAIN_DEFAULTS.items()),
+                        f"--data {AUDIO_TRAIN_DEFAULTS['epochs']}"])
     t.add_argument("--epochs", type=int, default=None,
                    help=f"epochs to train (default: from --set/--config, else the task's: {epochs})")
     t.add_argument("--out", type=Path, default=Path("runs/latest"), help="the run directory")
@@ -156,11 +194,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _valid_keys(task: str) -> list[str]:
-    from .tasks import TASK_OPTIONS
+def task_name(args: argparse.Namespace) -> str:
+    """The task of a ``train`` command: ``"audio"`` with ``--data``, else ``--task`` (emotion)."""
+    from .usertask import AUDIO_TASK
 
+    if getattr(args, "data", None) is not None:
+        return AUDIO_TASK
+    return args.task or "emotion"
+
+
+def _task_options(task: str) -> dict[str, Any]:
+    """The task's own options with their defaults."""
+    from .tasks import TASK_OPTIONS
+    from .usertask import AUDIO_OPTIONS, AUDIO_TASK
+
+    return AUDIO_OPTIONS if task == AUDIO_TASK else TASK_OPTIONS[task]
+
+
+def _valid_keys(task: str) -> list[str]:
     train = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in _RESERVED]
-    return sorted(set(train) | set(TASK_OPTIONS[task]))
+    return sorted(set(train) | set(_task_options(task)))
+
+
+def audio_plan(args: argparse.Namespace) -> Any:
+    """The :class:`~.usertask.AudioPlan` of ``--data`` (its listing read, no audio decoded),
+    or None without ``--data``.
+
+    Raises:
+        CLIError: ``--data`` with ``--task``, a CSV option without ``--data``, or what
+            :func:`~.usertask.plan_audio` refuses (missing file, unknown column...).
+    """
+    from .usertask import DataSpec, plan_audio
+
+    csv_opts = {"--target": args.target, "--split-column": args.split_column,
+                "--group-column": args.group_column, "--path-column": args.path_column}
+    if args.data is None:
+        given = [k for k, v in csv_opts.items() if v is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)} apply to --data only (a labels CSV)")
+        return None
+    if args.task is not None:
+        raise CLIError(f"--data and --task are mutually exclusive: --data trains on your audio "
+                       f"({args.data}), --task on a built-in task ({args.task})")
+    spec = DataSpec(args.data, args.target, args.path_column or "path", args.split_column,
+                    args.group_column)
+    try:
+        return plan_audio(spec)
+    except (OSError, ValueError) as e:
+        raise CLIError(str(e)) from None
 
 
 def _check_keys(where: str, options: dict[str, Any], task: str) -> None:
@@ -251,10 +332,13 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _check_task_options(task: str, options: dict[str, Any]) -> None:
-    """The task's own options (``batch_size``, ``per_piece``), checked before any data."""
+    """The task's own options (``batch_size``, ``per_piece``...), checked before any data."""
     from .._validate import check_int
+    from .usertask import AUDIO_TASK, check_audio_options
 
     try:
+        if task == AUDIO_TASK:
+            check_audio_options(options)
         if "batch_size" in options:
             check_int("batch_size", options["batch_size"], low=1)
         if options.get("per_piece") is not None:
@@ -270,18 +354,22 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
         CLIError: an unknown preset or key, invalid or oversized YAML, or a bad value (the
             whole :class:`TrainConfig` and the task's options are validated here).
     """
-    from .tasks import TASK_OPTIONS, TASK_TRAIN_DEFAULTS
+    from .tasks import TASK_TRAIN_DEFAULTS
+    from .usertask import AUDIO_TASK, train_defaults
 
+    task = task_name(args)
+    plan = audio_plan(args)
     if args.preset not in PRESETS and args.preset not in PRESET_ALIASES:
         raise CLIError(f"unknown preset {args.preset!r}; valid presets: "
                        + ", ".join([*PRESETS, *PRESET_ALIASES]))
-    merged: dict[str, Any] = {**TASK_TRAIN_DEFAULTS[args.task], **get_preset(args.preset)}
+    defaults = train_defaults(plan) if task == AUDIO_TASK else TASK_TRAIN_DEFAULTS[task]
+    merged: dict[str, Any] = {**defaults, **get_preset(args.preset)}
     if args.config is not None:
         loaded = _read_config(args.config)
-        _check_keys(f"--config {args.config}", loaded, args.task)
+        _check_keys(f"--config {args.config}", loaded, task)
         merged.update(loaded)
     sets = _parse_sets(args.sets)
-    _check_keys("--set", sets, args.task)
+    _check_keys("--set", sets, task)
     merged.update(sets)
     if args.epochs is not None:
         merged["epochs"] = args.epochs
@@ -291,9 +379,9 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
         merged["seed"] = args.seed
     if merged.get("seed") is None:
         merged["seed"] = DEFAULT_SEED
-    task_opts = {k: merged.pop(k) for k in list(merged) if k in TASK_OPTIONS[args.task]
+    task_opts = {k: merged.pop(k) for k in list(merged) if k in _task_options(task)
                  and k not in {f.name for f in dataclasses.fields(TrainConfig)}}
-    _check_task_options(args.task, task_opts)
+    _check_task_options(task, task_opts)
     merged["verbose"] = not args.quiet and merged.get("verbose", True)
     try:
         TrainConfig.from_options(**merged)
@@ -362,12 +450,24 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     return 128 + forwarded[0] if forwarded and rc != 0 else rc
 
 
-def _train(args: argparse.Namespace, argv: list[str]) -> int:
-    import torch
+def _build(args: argparse.Namespace, name: str, seed: int, task_opts: dict[str, Any]) -> Any:
+    """The :class:`~.tasks.Task` of the command: a built-in one, or one over ``--data``.
+    A data error found while reading the audio (every training file unusable, a split left
+    empty...) is a :class:`CLIError`."""
+    from .tasks import build_task
+    from .usertask import AUDIO_TASK, build_audio_task
 
+    if name != AUDIO_TASK:
+        return build_task(name, seed, task_opts)
+    try:
+        return build_audio_task(audio_plan(args), seed, task_opts)
+    except (OSError, ValueError) as e:
+        raise CLIError(str(e)) from None
+
+
+def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from ..engine.distributed import env_world_size
     from ..engine.run import resolve_device, train_model_advanced
-    from .tasks import build_task
 
     if args.nproc_per_node < 1:
         raise CLIError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
@@ -375,39 +475,32 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
         resolve_options(args)  # report option errors before launching anything
         return _launch(args, argv)
     options, task_opts = resolve_options(args)
+    name = task_name(args)
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
     ckpt_dir = out / "checkpoints"
-    if out.exists() and not args.resume and (ckpt_dir / f"{args.task}_last.pt").exists():
+    if out.exists() and not args.resume and (ckpt_dir / f"{name}_last.pt").exists():
         log.info("%s already holds a run; starting over (pass --resume to continue it)", out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    task = build_task(args.task, options["seed"], task_opts)
+    task = _build(args, name, options["seed"], task_opts)
     data_seconds = time.perf_counter() - t0
-    log.info("task %s: %s (data ready in %.1fs)", args.task, task.info, data_seconds)
+    log.info("task %s: %s (data ready in %.1fs)", name, _brief(task.info), data_seconds)
+    out.mkdir(parents=True, exist_ok=True)
     res = train_model_advanced(
         task.model, task.train_loader, task.val_loader, task.criterion,
-        checkpoint_dir=ckpt_dir, model_name=args.task, metrics_file=out / "metrics.jsonl",
+        checkpoint_dir=ckpt_dir, model_name=name, metrics_file=out / "metrics.jsonl",
         resume=bool(args.resume), **options)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 evaluates and writes the summary and report
     device = resolve_device(options.get("device", "auto"))
-    test = task.evaluate_test(task.model, device)
-    summary = {
-        "task": args.task, "preset": args.preset, "seed": options["seed"],
-        "device": str(device), "torch": torch.__version__,
-        "epochs_run": res["epochs_run"], "best_epoch": res["best_epoch"],
-        "best_val_loss": res["best_val_loss"], "stopped_early": res["stopped_early"],
-        "skipped_steps": res["skipped_steps"],
-        "best_val_accuracy": max((h.get("val_accuracy") or 0.0 for h in res["history"]),
-                                 default=None) if args.task == "emotion" else None,
-        **test,
-        "world_size": env_world_size(),
-        "data": task.info, "data_seconds": round(data_seconds, 2),
-        "wall_seconds": round(time.perf_counter() - t0, 2),
-        "options": TrainConfig.from_options(**options).to_plain(), "task_options": task_opts,
-    }
+    summary = {"task": name, "preset": args.preset, **_run_summary(res, options, device),
+               **task.evaluate_test(task.model, device),
+               "world_size": env_world_size(), "data": task.info,
+               "data_seconds": round(data_seconds, 2),
+               "wall_seconds": round(time.perf_counter() - t0, 2),
+               "options": TrainConfig.from_options(**options).to_plain(),
+               "task_options": task_opts}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     text = write_report(out)
     print(_headline(summary))
@@ -415,15 +508,48 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _brief(info: dict[str, Any]) -> dict[str, Any]:
+    """The task info for the log line (a user corpus' full account is in summary.json)."""
+    keep = ("layout", "task", "class_names", "split_sizes", "crop_seconds", "normalization",
+            "n_skipped", "input_shape", "train_examples", "val_examples", "test_examples")
+    return {k: v for k, v in info.items() if k in keep}
+
+
+def _run_summary(res: dict[str, Any], options: dict[str, Any], device: Any) -> dict[str, Any]:
+    import torch
+
+    accs = [h["val_accuracy"] for h in res["history"] if h.get("val_accuracy") is not None]
+    return {"seed": options["seed"], "device": str(device), "torch": torch.__version__,
+            "epochs_run": res["epochs_run"], "best_epoch": res["best_epoch"],
+            "best_val_loss": res["best_val_loss"], "stopped_early": res["stopped_early"],
+            "skipped_steps": res["skipped_steps"],
+            "best_val_accuracy": max(accs) if accs else None}
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
 def _headline(s: dict[str, Any]) -> str:
     if s["task"] == "emotion":
         return (f"emotion: held-out test accuracy {s['test_accuracy']:.3f} on "
                 f"{s['test_examples']} clips (majority class {s['majority_baseline_accuracy']:.3f}); "
                 f"best epoch {s['best_epoch']}/{s['epochs_run']}; {s['wall_seconds']:.0f}s")
-    p = s["scale_degree_probe"]
-    return (f"notes: held-out BCE {s['test_bce']:.4f} vs predict-the-mean {s['mean_baseline_bce']:.4f}; "
-            f"P(E4) major {p['major']['E4']:.3f} / minor {p['minor']['E4']:.3f}, "
-            f"P(Eb4) major {p['major']['Eb4']:.3f} / minor {p['minor']['Eb4']:.3f}")
+    if s["task"] == "notes":
+        p = s["scale_degree_probe"]
+        return (f"notes: held-out BCE {s['test_bce']:.4f} vs predict-the-mean "
+                f"{s['mean_baseline_bce']:.4f}; P(E4) major {p['major']['E4']:.3f} / minor "
+                f"{p['minor']['E4']:.3f}, P(Eb4) major {p['major']['Eb4']:.3f} / minor "
+                f"{p['minor']['Eb4']:.3f}")
+    t, skipped = s.get("test"), s["data"].get("n_skipped", 0)
+    tail = (f"best epoch {s['best_epoch']}/{s['epochs_run']}; {skipped} file(s) skipped; "
+            f"{s['wall_seconds']:.0f}s")
+    if t is None:
+        return f"{s['task']}: no test split; {tail}"
+    what = (f"UAR {_fmt(t['uar'])}, macro-F1 {_fmt(t['macro_f1'])}, accuracy "
+            f"{_fmt(t['accuracy'])}" if "uar" in t else
+            f"CCC {_fmt(t['ccc'])}, MAE {_fmt(t['mae'], '.4f')}")
+    return f"{s['task']}: held-out test {what} on {s['test_examples']} clips; {tail}"
 
 
 def _find_metrics(run_dir: Path, model_name: str | None) -> tuple[Path, str | None]:
@@ -505,11 +631,23 @@ def _write_report(run_dir: Path, model_name: str | None = None) -> tuple[str, Pa
     (where / f"{prefix}diagnosis.txt").write_text(text + "\n")
     title = name or where.name
     if s is not None:
-        title = f"{s.get('task')} / {s.get('preset')}: " + (
-            f"test accuracy {s['test_accuracy']:.3f}" if "test_accuracy" in s
-            else f"test BCE {s.get('test_bce', float('nan')):.4f}")
+        title = f"{s.get('task')} / {s.get('preset')}: " + _test_title(s)
     png = plot_history(history, where / f"{prefix}report.png", title=title, diagnosis=text)
     return text, png
+
+
+def _test_title(s: dict[str, Any]) -> str:
+    """The held-out result for the report's title."""
+    if "test_accuracy" in s:
+        return f"test accuracy {s['test_accuracy']:.3f}"
+    if "test_bce" in s:
+        return f"test BCE {s['test_bce']:.4f}"
+    t = s.get("test")
+    if not isinstance(t, dict):
+        return "no test split"
+    if "uar" in t:
+        return f"test UAR {_fmt(t['uar'])}, macro-F1 {_fmt(t['macro_f1'])}"
+    return f"test CCC {_fmt(t.get('ccc'))}, MAE {_fmt(t.get('mae'), '.4f')}"
 
 
 def write_report(run_dir: Path, model_name: str | None = None) -> str:

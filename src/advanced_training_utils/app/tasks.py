@@ -28,6 +28,8 @@ TASK_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "notes": {"epochs": 30, "learning_rate": 2e-3, "augment": "emotion"},
 }
 
+#: The built-in tasks (``--task``); ``--data`` builds a task over the user's audio instead
+#: (:mod:`.usertask`).
 TASKS = tuple(TASK_OPTIONS)
 
 
@@ -39,7 +41,7 @@ class Task:
     model: torch.nn.Module
     train_loader: DataLoader
     val_loader: DataLoader
-    test_loader: DataLoader
+    test_loader: DataLoader | None
     criterion: Callable[..., torch.Tensor]
     evaluate_test: Callable[[torch.nn.Module, torch.device], dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)

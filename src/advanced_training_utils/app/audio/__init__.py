@@ -15,6 +15,7 @@ from .decode import AUDIO_EXTENSIONS, AudioError, load_audio
 from .features import FeatureExtractor
 from .logmel import CHORALE_PARAMS, LogMel, mel_filterbank
 from .options import AudioOptions
+from .sampler import EpochSampler
 from .splits import carve_val, grouped_split
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "AudioOptions",
     "AudioSplits",
     "CsvAudioDataset",
+    "EpochSampler",
     "FeatureCache",
     "FeatureExtractor",
     "LogMel",

@@ -26,8 +26,8 @@ from .chorales import Chorales, load_chorales
 from .mel import LogMel
 from .render import render_notes
 
-__all__ = ["EMOTION_CLASSES", "Window", "chorale_windows", "emotion_dataset", "notes_dataset",
-           "melody_splits", "cache_dir", "SLOW_BPM", "FAST_BPM"]
+__all__ = ["EMOTION_CLASSES", "Window", "chorale_windows", "emotion_clips", "emotion_dataset",
+           "notes_dataset", "melody_splits", "cache_dir", "SLOW_BPM", "FAST_BPM"]
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,46 @@ def _pick(windows: list[Window], per_piece: int | None) -> list[Window]:
     return out
 
 
+def emotion_clips(seed: int = 0, per_piece: int | None = 6, seconds: float = 4.0
+                  ) -> dict[str, np.ndarray]:
+    """The emotion task's clips as waveforms (what :func:`emotion_dataset` turns into mels).
+
+    Args:
+        seed: drives each clip's tempo range and tempo; same seed, same clips.
+        per_piece: at most this many key-agreeing windows per chorale (None: all).
+        seconds: clip length.
+
+    Returns:
+        dict of arrays: ``wave`` ``[N, round(seconds * 16000)]`` float32 at 16 kHz, ``label``
+        ``[N]`` (index into ``EMOTION_CLASSES``), ``valence``, ``arousal``, ``bpm``, ``melody``,
+        ``piece``, ``split`` ``[N]`` (0 train, 1 val, 2 test).
+    """
+    windows = _pick([w for w in chorale_windows() if w.local_key_agrees], per_piece)
+    rng = np.random.default_rng(seed)
+    fast = rng.random(len(windows)) < 0.5
+    lo = np.where(fast, FAST_BPM[0], SLOW_BPM[0])
+    hi = np.where(fast, FAST_BPM[1], SLOW_BPM[1])
+    bpm = lo + (hi - lo) * rng.random(len(windows))
+    waves = np.stack([render_notes(w.notes, float(b), seconds=seconds, loop_length=w.length)
+                      for w, b in zip(windows, bpm)])
+    mode = np.array([w.mode for w in windows])
+    melody = np.array([w.melody for w in windows])
+    return {
+        "wave": waves,
+        "label": np.where(mode == 1, np.where(fast, 0, 1), np.where(fast, 3, 2)),
+        "valence": np.where(mode == 1, 1.0, -1.0),
+        "arousal": np.clip((bpm - 110.0) / 70.0, -1.0, 1.0),
+        "bpm": bpm,
+        "melody": melody,
+        "piece": np.array([w.piece for w in windows]),
+        "split": melody_splits(melody),
+    }
+
+
 def emotion_dataset(seed: int = 0, per_piece: int | None = 6, seconds: float = 4.0,
                     use_cache: bool = True) -> dict[str, torch.Tensor]:
-    """The emotion-recognition task: rendered clips as log-mel spectrograms.
+    """The emotion-recognition task: rendered clips (:func:`emotion_clips`) as log-mel
+    spectrograms.
 
     Args:
         seed: drives each clip's tempo range and tempo; same seed, same data.
@@ -163,14 +200,8 @@ def emotion_dataset(seed: int = 0, per_piece: int | None = 6, seconds: float = 4
         except Exception:  # a broken cache file is re-rendered
             log.warning("cache %s unreadable; rendering again", path)
     t0 = time.perf_counter()
-    windows = _pick([w for w in chorale_windows() if w.local_key_agrees], per_piece)
-    rng = np.random.default_rng(seed)
-    fast = rng.random(len(windows)) < 0.5
-    lo = np.where(fast, FAST_BPM[0], SLOW_BPM[0])
-    hi = np.where(fast, FAST_BPM[1], SLOW_BPM[1])
-    bpm = lo + (hi - lo) * rng.random(len(windows))
-    waves = np.stack([render_notes(w.notes, float(b), seconds=seconds, loop_length=w.length)
-                      for w, b in zip(windows, bpm)])
+    clips = emotion_clips(seed, per_piece, seconds)
+    waves = clips["wave"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small STFTs: one thread is several times faster here
     try:
@@ -179,21 +210,17 @@ def emotion_dataset(seed: int = 0, per_piece: int | None = 6, seconds: float = 4
                          for i in range(0, len(waves), 256)]).unsqueeze(1)
     finally:
         torch.set_num_threads(threads)
-    mode = np.array([w.mode for w in windows])
-    label = np.where(mode == 1, np.where(fast, 0, 1), np.where(fast, 3, 2))
-    melody = np.array([w.melody for w in windows])
-    arousal = np.clip((bpm - 110.0) / 70.0, -1.0, 1.0)
     out = {
         "mel": mel.float(),
-        "label": torch.from_numpy(label).long(),
-        "valence": torch.from_numpy(np.where(mode == 1, 1.0, -1.0)).float(),
-        "arousal": torch.from_numpy(arousal).float(),
-        "bpm": torch.from_numpy(bpm).float(),
-        "melody": torch.from_numpy(melody).long(),
-        "piece": torch.tensor([w.piece for w in windows]).long(),
-        "split": torch.from_numpy(melody_splits(melody)),
+        "label": torch.from_numpy(clips["label"]).long(),
+        "valence": torch.from_numpy(clips["valence"]).float(),
+        "arousal": torch.from_numpy(clips["arousal"]).float(),
+        "bpm": torch.from_numpy(clips["bpm"]).float(),
+        "melody": torch.from_numpy(clips["melody"]).long(),
+        "piece": torch.from_numpy(clips["piece"]).long(),
+        "split": torch.from_numpy(clips["split"]),
     }
-    log.info("rendered %d emotion clips in %.1fs", len(windows), time.perf_counter() - t0)
+    log.info("rendered %d emotion clips in %.1fs", len(waves), time.perf_counter() - t0)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
