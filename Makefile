@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
 export MALLOC_TRIM_THRESHOLD_ ?= 1073741824
 
-.PHONY: demo test lint bench clean venv
+.PHONY: demo test lint bench mutation clean venv
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+# Inject plausible bugs one at a time (scripts/mutants.py) and check the tests catch them; writes
+# benchmarks/results/mutation.md. A few minutes; not part of `make test` (or CI).
+mutation: $(STAMP)
+	$(BIN)/python scripts/mutation.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

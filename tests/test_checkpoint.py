@@ -122,7 +122,7 @@ def _chain_state(folder):
     return out
 
 
-@pytest.mark.parametrize("keep_last", [1, 2, 3])
+@pytest.mark.parametrize("keep_last", [1, 2, 3, 4])
 @pytest.mark.parametrize("best", [False, True])
 def test_kill_at_any_file_operation_of_a_rotation_leaves_newest_at_last(tmp_path, monkeypatch,
                                                                         keep_last, best):
@@ -150,8 +150,8 @@ def test_kill_at_any_file_operation_of_a_rotation_leaves_newest_at_last(tmp_path
     monkeypatch.undo()
     assert len(seen) >= 4  # the check ran at every operation
     after = _chain_state(tmp_path)
-    assert [after[p] for p in ["m_last.pt", "m_last.1.pt", "m_last.2.pt"][:keep_last]] == \
-        [4, 3, 2][:keep_last]
+    names = ["m_last.pt", "m_last.1.pt", "m_last.2.pt", "m_last.3.pt"][:keep_last]
+    assert [after.get(p) for p in names] == [4, 3, 2, 1][:keep_last]
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 

@@ -95,7 +95,8 @@ def test_resume_cost_does_not_grow_with_position(tmp_path):
         train_model_advanced(_dropout_model(1), tl, vl, CE, checkpoint_dir=tmp_path / frac,
                              resume=True, checkpoint_every_n_steps=1, **{**OPTS, "epochs": 1})
         reads[frac] = ds.reads
-    # Only the remaining batches are loaded (training never peeks at the data).
+    # Only the remaining batches are loaded (no peek at start-up: the first-batch checks run on
+    # the batch the epoch reads).
     assert reads["10%"] == 96 - 8 * 1
     assert reads["90%"] == 96 - 8 * 10
 

@@ -123,3 +123,47 @@ def test_a_shifted_or_scaled_loss_skips_the_same_spike(shift, scale):
                                device="cpu", verbose=False, seed=0, use_scheduler=False)
     assert res["skipped_steps"] == 1 and res["history"][1]["spike_steps"] == 1
     assert math.isfinite(res["history"][-1]["train_loss"])
+
+
+def test_a_restored_guard_refreshes_its_threshold_on_the_same_steps():
+    """The threshold is refreshed every 8 steps: a guard restored after 30 steps refreshes at
+    step 32 like the uninterrupted one, not at once. Here losses rise to 2.0 (under the
+    threshold) at steps 25-29 and a 3.5 at step 30 is a spike by the threshold of step 24; a
+    threshold refreshed at step 30 would count the 2.0s in the spread and let it through."""
+    g = torch.Generator().manual_seed(5)
+    seq = (1.0 + 0.05 * torch.randn(25, generator=g)).tolist() + [2.0] * 5 + [3.5, 1.0, 1.0]
+    reference = _decisions(seq)
+    assert reference[30] and not any(reference[:30])
+    a = _guard()
+    _decisions(seq[:30], guard=a)
+    b = _guard()
+    b.load_state_dict(a.state_dict())
+    assert b.steps_seen == a.steps_seen == 30
+    assert _decisions(seq[30:], guard=b) == reference[30:]
+
+
+_NAN = math.nan
+
+
+@pytest.mark.parametrize("intervals, expected", [
+    ([[]], None),                                   # no step yet
+    ([[1.0, 1.0, 1.0]], 0),                         # no bad step
+    ([[1.0, _NAN, 1.0]], 0),                        # a bad step, then a good one
+    ([[1.0, _NAN, _NAN, _NAN]], 3),                 # the run at the end
+    ([[_NAN, _NAN]], 2),                            # every step bad
+    ([[1.0, _NAN], [_NAN, _NAN], [_NAN]], 4),       # a run across reading intervals
+    ([[_NAN, _NAN], [1.0, _NAN]], 1),               # broken by a good step
+    ([[_NAN], [1.0]], 0),                           # ... which ends the run
+])
+def test_consecutive_is_the_run_of_bad_steps_at_the_end(intervals, expected):
+    """``consecutive()``: the bad steps since the last good one, carried across
+    ``reset_interval()`` (an epoch, a recovery check interval)."""
+    guard = StepGuard(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1))
+    one = torch.ones(())
+    for i, losses in enumerate(intervals):
+        if i:
+            guard.reset_interval()
+        for v in losses:
+            guard.is_bad(torch.tensor(v), one)
+    run = guard.consecutive()
+    assert (None if run is None else float(run)) == expected

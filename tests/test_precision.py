@@ -96,6 +96,26 @@ def test_clipping_after_unscale_sees_fp32_norms():
     assert mp.step_optimizer(opt) is True
 
 
+def test_every_step_is_unscaled_once():
+    """``unscale_`` divides each step's gradients by the scale exactly once; ``update()`` (here
+    through ``step_optimizer``) ends the step, so the next step's gradients are unscaled too:
+    over three steps the gradients clipping sees equal an fp32 run's."""
+    x = torch.randn(16, 8)
+    m32, opt32 = _setup(1)
+    m16, opt16 = _setup(1)
+    mp = MixedPrecisionTrainer(enabled=True, device="cpu", dtype="float16", init_scale=4096.0)
+    for step in range(3):
+        opt32.zero_grad()
+        opt16.zero_grad()
+        m32(x).pow(2).mean().backward()
+        mp.scale_loss(m16(x).pow(2).mean()).backward()
+        mp.unscale_(opt16)
+        for a, b in zip(m32.parameters(), m16.parameters()):
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), step
+        opt32.step()
+        assert mp.step_optimizer(opt16) is True
+
+
 def test_state_dict_round_trip():
     m, opt = _setup()
     mp = MixedPrecisionTrainer(enabled=True, device="cpu", dtype="float16", init_scale=512.0)

@@ -71,3 +71,23 @@ def test_cuda_index_must_name_a_present_gpu(monkeypatch):
     with pytest.raises(ValueError, match=r"device 'cuda:2': this machine has 2 CUDA device\(s\) "
                        r"\(cuda:0..cuda:1\)"):
         TrainConfig.from_options(device="cuda:2")
+
+
+@pytest.mark.parametrize("labels, bad", [
+    ([0, 1, 2], None),          # every class of a 3-output model
+    ([2, 2], None),
+    ([0, -100, 2], None),       # CrossEntropyLoss's ignore_index is not a label
+    ([0, 3], "0..3"),           # one past the last class
+    ([-1, 1], "-1..1"),
+])
+def test_class_labels_are_checked_against_the_model_outputs(labels, bad):
+    """``check_labels``: class indices must be in [0, C - 1] for a model with C outputs."""
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(len(labels), 4), torch.tensor(labels)
+    if bad is None:
+        prepare.check_labels(torch.nn.CrossEntropyLoss(), model, x, y, torch.device("cpu"))
+    else:
+        with pytest.raises(ValueError, match=re.escape(
+                f"class labels must be in [0, 2] for a model with 3 outputs; the first batch "
+                f"holds labels {bad}")):
+            prepare.check_labels(torch.nn.CrossEntropyLoss(), model, x, y, torch.device("cpu"))

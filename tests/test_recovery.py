@@ -1,5 +1,6 @@
 """Divergence recovery: NaN/Inf injection, loss spikes, rollbacks, diagnosed stops."""
 
+import copy
 import math
 import random
 
@@ -7,8 +8,16 @@ import pytest
 import torch
 
 from _helpers import make_data, make_model
-from advanced_training_utils import load_checkpoint, train_model_advanced
-from advanced_training_utils.engine.health.recovery import TrainingDivergedError
+from advanced_training_utils import (
+    GradientClipper,
+    LearningRateScheduler,
+    MixedPrecisionTrainer,
+    load_checkpoint,
+    train_model_advanced,
+)
+from advanced_training_utils.engine.health.guard import StepGuard
+from advanced_training_utils.engine.health.recovery import Recovery, TrainingDivergedError
+from advanced_training_utils.engine.loop import Parts
 
 CE = torch.nn.CrossEntropyLoss()
 F = (12,)
@@ -239,3 +248,73 @@ def test_mid_epoch_checkpoint_stores_the_snapshot_weights(tmp_path):
     for k, v in make_model(1, features=F).state_dict().items():
         assert torch.equal(snap["model"][k], v)
         assert not torch.equal(state["model"][k], v)
+
+
+# ------------------------------------------------------------------ Recovery on its own
+def _parts(scheduler_type=None):
+    """A tiny model with SGD + momentum (its buffers change in place at every step)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = (LearningRateScheduler(opt, scheduler_type, T_max=10, step_size=1)
+             if scheduler_type else None)
+    return Parts(model=model, criterion=torch.nn.MSELoss(), optimizer=opt,
+                 precision=MixedPrecisionTrainer(enabled=False, device="cpu"),
+                 clipper=GradientClipper(math.inf), guard=StepGuard(opt), scheduler=sched,
+                 augment=None, device=torch.device("cpu")), sched
+
+
+def _steps(parts, n):
+    for _ in range(n):
+        parts.optimizer.zero_grad()
+        parts.model(torch.randn(8, 4)).pow(2).mean().backward()
+        parts.optimizer.step()
+        if parts.scheduler is not None:
+            parts.scheduler.step()
+
+
+GOOD, BAD = [1.0, 1.0, 0.0, 0.0], [math.nan, math.nan, 1.0, 0.0]
+
+
+def _check(recovery, good, bad):
+    """A check after ``good`` good then ``bad`` bad steps (the run of bad steps at the end)."""
+    rows = [GOOD] * good + [BAD] * bad
+    return recovery.after_check(rows, len(rows), float(bad), epoch=1, first_batch=0,
+                                lr_history=[])
+
+
+@pytest.mark.parametrize("rollback_after", [1, 3, 5])
+def test_rollback_after_counts_the_bad_run_inclusively(rollback_after):
+    """``rollback_after`` consecutive bad steps, half the interval, roll back; one fewer does
+    not."""
+    parts, _ = _parts()
+    rec = Recovery(parts, None, rollback_after=rollback_after)
+    rec.snapshot()
+    assert _check(rec, rollback_after - 1, rollback_after - 1) is None
+    assert rec.rollbacks == 0
+    assert _check(rec, rollback_after, rollback_after) is not None
+    assert rec.rollbacks == 1
+
+
+@pytest.mark.parametrize("scheduler_type", [None, "cosine", "step"])
+def test_every_rollback_restores_the_same_snapshot_and_compounds_the_lr_factor(scheduler_type):
+    """Two rollbacks to one snapshot (no clean check in between): each restores the model and
+    optimizer state of the snapshot exactly, although the steps in between changed the
+    optimizer's buffers in place, and the LR is the snapshot's times lr_factor ** rollbacks."""
+    parts, sched = _parts(scheduler_type)
+    rec = Recovery(parts, sched, lr_factor=0.5, max_rollbacks=3)
+    _steps(parts, 2)
+    rec.snapshot()
+    lr0 = parts.optimizer.param_groups[0]["lr"]
+    want_model = copy.deepcopy(parts.model.state_dict())
+    want_buffers = copy.deepcopy(parts.optimizer.state_dict()["state"])
+    assert want_buffers  # momentum buffers exist
+    for n in (1, 2):
+        _steps(parts, 3)
+        assert _check(rec, 0, 5) is not None
+        for k, v in parts.model.state_dict().items():
+            assert torch.equal(v, want_model[k]), (n, k)
+        state = parts.optimizer.state_dict()["state"]
+        for i, s in want_buffers.items():
+            assert torch.equal(state[i]["momentum_buffer"], s["momentum_buffer"]), (n, i)
+        assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(lr0 * 0.5 ** n, rel=1e-12)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from _helpers import make_loaders, make_model
-from advanced_training_utils import TrainConfig, train_model_advanced
+from advanced_training_utils import TrainConfig, load_checkpoint, train_model_advanced
+from advanced_training_utils.checkpoint import EPOCH_KEY, MODEL_KEY, STEP_KEY
 from advanced_training_utils.engine.runfiles import RunFiles
 from faults import FileFaults
 
@@ -48,6 +49,40 @@ def test_metrics_lines_survive_a_failed_append(tmp_path, monkeypatch):
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
 
 
+def test_only_failed_checkpoint_writes_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    """A successful write resets the count: failures at every other save never reach the
+    limit of 3 in a row, and each success is on disk."""
+    run = RunFiles(TrainConfig.from_options(checkpoint_dir=str(tmp_path), model_name="m"))
+    faults = FileFaults(tmp_path)
+    for nth in (1, 3, 5, 7):  # the temporary file of saves 1, 3, 5 and 7
+        faults.fail("open", ".m_last.pt.*.tmp", errno.ENOSPC, nth=nth)
+    faults.install(monkeypatch)
+    for epoch in range(1, 9):
+        run.save({EPOCH_KEY: epoch}, best=False)
+        assert run.failures == epoch % 2
+        if epoch % 2 == 0:
+            assert load_checkpoint(tmp_path / "m_last.pt")[EPOCH_KEY] == epoch
+    assert len(faults.fired) == 4
+    run.close()
+
+
+def test_best_weights_come_from_the_best_epochs_end_not_a_later_step_checkpoint(tmp_path):
+    """A step checkpoint taken during epoch 3 records 2 epochs done, like the end of epoch 2,
+    but holds later weights: with ``_best.pt`` gone, epoch 2's weights come from the end of
+    epoch 2 (``_last.1.pt`` here), not from the newer step checkpoint."""
+    run = RunFiles(TrainConfig.from_options(checkpoint_dir=str(tmp_path), model_name="m",
+                                            keep_last=3))
+    end_of_2 = {MODEL_KEY: {"w": torch.full((2,), 2.0)}, EPOCH_KEY: 2, STEP_KEY: 0}
+    during_3 = {MODEL_KEY: {"w": torch.full((2,), 3.0)}, EPOCH_KEY: 2, STEP_KEY: 4}
+    run.save(end_of_2, best=False)
+    run.save(during_3, best=False)
+    resumed = {MODEL_KEY: {"w": torch.full((2,), 3.5)}, EPOCH_KEY: 2, STEP_KEY: 5}
+    weights = run.best_weights(2, resumed)
+    assert weights is not None and torch.equal(weights["w"], torch.full((2,), 2.0))
+    run.close()
+
+
+EPOCHS = 3
 EPOCHS = 3
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from advanced_training_utils import safeio
+from advanced_training_utils.checkpoint import rotate_and_save, save_checkpoint
 from faults import FileFaults, temp_files
 
 
@@ -115,3 +116,34 @@ def test_new_files_are_regular_and_private(folder):
     safeio.atomic_write(folder / "a.pt", lambda f: f.write(b"x"))
     mode = os.lstat(folder / "a.pt").st_mode
     assert stat.S_ISREG(mode) and stat.S_IMODE(mode) == 0o600
+
+
+_WRITERS = {
+    "atomic_write": lambda final: safeio.atomic_write(final, lambda f: f.write(b"new")),
+    "save_checkpoint": lambda final: save_checkpoint(final, {"epoch": 2}),
+    "rotate_and_save": lambda final: rotate_and_save(final, {"epoch": 2}, keep_last=3),
+}
+
+
+@pytest.mark.parametrize("write", list(_WRITERS))
+def test_data_synced_before_the_rename_and_the_folder_after(folder, monkeypatch, write):
+    """Durable writes (a power cut after the call leaves the new file, complete, at its final
+    name): the temporary file is fsynced before it is renamed over the final name, and the
+    folder (which holds the renames) is fsynced after the last rename."""
+    final = folder / "a.pt"
+    rotate_and_save(final, {"epoch": 1}, keep_last=3)  # a previous file to replace / rotate
+    faults = FileFaults().install(monkeypatch)  # records every file operation, anywhere
+    _WRITERS[write](final)
+    monkeypatch.undo()
+    ours = os.path.realpath(folder)
+    events = [(op, os.path.realpath(p)) for op, p in faults.seen if op in ("fsync", "replace")
+              and (os.path.realpath(p) == ours or os.path.dirname(os.path.realpath(p)) == ours)]
+    data = [i for i, (op, p) in enumerate(events)
+            if op == "fsync" and os.path.basename(p).startswith(".a.pt.")]
+    into_final = [i for i, e in enumerate(events) if e == ("replace", str(final.resolve()))]
+    renames = [i for i, (op, _) in enumerate(events) if op == "replace"]
+    folder_syncs = [i for i, e in enumerate(events) if e == ("fsync", ours)]
+    assert data and len(into_final) == 1, events
+    assert data[0] < into_final[0], events
+    assert folder_syncs and folder_syncs[-1] > renames[-1], events
+    assert final.read_bytes() and temp_files(folder) == []

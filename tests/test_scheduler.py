@@ -420,3 +420,25 @@ def test_step_accepts_numbers_and_one_element_tensors(metric):
 def test_load_state_dict_rejects_bad_state(state, exc, match):
     with pytest.raises(exc, match=match):
         LearningRateScheduler(_opt(), "cosine").load_state_dict(state)
+
+
+@pytest.mark.parametrize("w", [0, 3])
+@pytest.mark.parametrize("kind", list(CASES))
+def test_scale_lr_scales_the_rest_of_the_curve(kind, w):
+    """A rollback's ``scale_lr(f)`` mid-run: every later LR is the unscaled run's times f, for
+    every type, warmup or not, and past the cosine horizon (T_max=30 here, 60 steps)."""
+    def curve(scale_at=None):
+        o = _opt(groups=2)
+        s = LearningRateScheduler(o, kind, warmup_steps=w, **CASES[kind][0])
+        out = []
+        for i in range(60):
+            if i == scale_at:
+                s.scale_lr(0.5)
+            o.step()
+            s.step(_metric(i)) if kind == "plateau" else s.step()
+            out.append([g["lr"] for g in o.param_groups])
+        return out
+
+    plain, scaled = curve(), curve(scale_at=10)
+    assert scaled[:10] == plain[:10]
+    assert _close(scaled[10:], [[lr * 0.5 for lr in row] for row in plain[10:]], rel=1e-12)

@@ -281,6 +281,35 @@ def test_stability_checks_every_n_and_on_nonfinite():
     assert res["stability"]["epoch"] == 4 and res["stability"]["gradients"]["healthy"]
 
 
+def _spike_or_nan_at(call, kind):
+    """CE whose ``call``-th training loss is x1000 (a finite spike) or NaN."""
+    calls = [0]
+
+    def crit(out, y):
+        loss = CE(out, y)
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] == call:
+                return loss * (1000.0 if kind == "spike" else math.nan)
+        return loss
+    return crit
+
+
+@pytest.mark.parametrize("kind", ["spike", "nan"])
+def test_stability_check_runs_on_an_epoch_with_a_skipped_step(kind):
+    """Besides every ``stability_every`` epochs, the check runs at the end of an epoch with a
+    skipped step: a spike (finite loss, no non-finite example) or a NaN loss."""
+    tl, vl = make_loaders(n=512, batch_size=16)  # 32 steps per epoch: room for a spike window
+    res = train_model_advanced(make_model(1), tl, vl, _spike_or_nan_at(32 + 25, kind), epochs=3,
+                               check_stability=True, stability_every=10, use_scheduler=False,
+                               seed=0, **QUIET)
+    assert [h["skipped_steps"] for h in res["history"]] == [0, 1, 0]
+    assert [h["nonfinite_train_examples"] for h in res["history"]] == [
+        0, 16 if kind == "nan" else 0, 0]
+    assert [("stability_healthy" in h) for h in res["history"]] == [False, True, False]
+    assert res["stability"]["epoch"] == 2
+
+
 # ---------------------------------------------------------------- host syncs
 _CONVERSIONS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
 
