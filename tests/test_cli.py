@@ -500,3 +500,37 @@ def test_help_shows_an_example_and_every_default(command, capsys):
             assert "(default: " in action.help, action.option_strings
         else:
             assert f"(default: {d})" in flat, (action.option_strings, d)
+
+
+# ---------------------------------------------------------------- found by a new user's code
+NOTES_FAST = ["--quiet", "--epochs", "1", "--device", "cpu"]
+
+
+def test_resume_into_another_tasks_run_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    from advanced_training_utils.app import tasks
+
+    out = tmp_path / "run"
+    assert main(["train", "--task", "notes", "--out", str(out), *NOTES_FAST]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+
+    def no_data(*a, **k):
+        raise AssertionError("the task's data was built before --out was checked")
+
+    monkeypatch.setattr(tasks, "build_task", no_data)
+    for extra in (["--resume"], []):
+        assert main(["train", "--task", "emotion", "--out", str(out), *FAST, *extra]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err == [f"advtrain: error: --out {out} holds a run of task 'notes', not "
+                       "'emotion'; choose another --out (or the same task to continue it with "
+                       "--resume)"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--task", "notes", "--out", "", *NOTES_FAST])
+    assert e.value.code == 2
+    assert "--out: must name a folder, got an empty string" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"--data {AUDIO_TRAIN_DEFAULTS['epochs']}"])
     t.add_argument("--epochs", type=int, default=None,
                    help=f"epochs to train (default: from --set/--config, else the task's: {epochs})")
-    t.add_argument("--out", type=Path, default=Path("runs/latest"), help="the run directory")
+    t.add_argument("--out", type=_out_dir, default=Path("runs/latest"), help="the run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--seed", type=int, default=None,
                    help=f"wins over seed in --set/--config (default: {DEFAULT_SEED})")
@@ -465,6 +465,37 @@ def _build(args: argparse.Namespace, name: str, seed: int, task_opts: dict[str, 
         raise CLIError(str(e)) from None
 
 
+def _check_out(out: Path, name: str, resume: bool) -> None:
+    """Refuse a run directory that cannot hold this run: a file, or another task's run (its
+    summary, report and metrics log would be replaced, and ``--resume`` would train the other
+    task from scratch over them)."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+    summary = out / "summary.json"
+    try:
+        other = json.loads(summary.read_text()).get("task") if summary.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        other = None
+    if other is None:
+        runs = sorted(p.name[:-len("_last.pt")] for p in (out / "checkpoints").glob("*_last.pt"))
+        other = runs[0] if runs and name not in runs else None
+    if other is not None and other != name:
+        raise CLIError(f"--out {out} holds a run of task {other!r}, not {name!r}; choose another "
+                       "--out (or the same task to continue it with --resume)")
+    if resume and not (out / "checkpoints" / f"{name}_last.pt").exists():
+        log.warning("--resume: %s holds no checkpoint of %r; starting a fresh run", out, name)
+    elif not resume and (out / "checkpoints" / f"{name}_last.pt").exists():
+        log.info("%s already holds a run; starting over (pass --resume to continue it); the "
+                 "earlier run's files are kept under time-stamped names", out)
+
+
+def _out_dir(text: str) -> Path:
+    """``--out``: a folder name (an empty string would put the run in the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string")
+    return Path(text)
+
+
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from ..engine.distributed import env_world_size
     from ..engine.run import resolve_device, train_model_advanced
@@ -477,11 +508,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     options, task_opts = resolve_options(args)
     name = task_name(args)
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory")
     ckpt_dir = out / "checkpoints"
-    if out.exists() and not args.resume and (ckpt_dir / f"{name}_last.pt").exists():
-        log.info("%s already holds a run; starting over (pass --resume to continue it)", out)
+    _check_out(out, name, bool(args.resume))
     t0 = time.perf_counter()
     task = _build(args, name, options["seed"], task_opts)
     data_seconds = time.perf_counter() - t0
