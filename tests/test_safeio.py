@@ -147,3 +147,22 @@ def test_data_synced_before_the_rename_and_the_folder_after(folder, monkeypatch,
     assert data[0] < into_final[0], events
     assert folder_syncs and folder_syncs[-1] > renames[-1], events
     assert final.read_bytes() and temp_files(folder) == []
+
+
+def test_append_is_synced_and_a_failed_sync_leaves_no_partial_line(tmp_path, monkeypatch):
+    import os
+
+    f = tmp_path / "log.jsonl"
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    safeio.append_bytes(f, b"one\n")
+    assert synced and f.read_bytes() == b"one\n"
+
+    def fail(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError):
+        safeio.append_bytes(f, b"two\n")
+    assert f.read_bytes() == b"one\n"
