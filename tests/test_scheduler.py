@@ -442,3 +442,26 @@ def test_scale_lr_scales_the_rest_of_the_curve(kind, w):
     plain, scaled = curve(), curve(scale_at=10)
     assert scaled[:10] == plain[:10]
     assert _close(scaled[10:], [[lr * 0.5 for lr in row] for row in plain[10:]], rel=1e-12)
+
+
+@pytest.mark.parametrize("kind,opts", [("cosine", {"T_max": 10, "min_lr": 0.05}),
+                                       ("cosine", {"T_max": 10, "min_lr": 0.05,
+                                                   "warmup_steps": 2}),
+                                       ("plateau", {"patience": 0, "factor": 0.5,
+                                                    "min_lr": 0.04})])
+def test_scale_lr_scales_the_floor_too(kind, opts):
+    """After scale_lr(f) the rest of the curve is f x the unscaled one, floor included (the
+    cosine's eta_min used to lift a rolled-back LR back up to min_lr)."""
+    def make(lr, scale):
+        w = torch.nn.Parameter(torch.zeros(1))
+        o = {k: v * scale if k == "min_lr" else v for k, v in opts.items()}
+        return LearningRateScheduler(torch.optim.SGD([w], lr=lr), kind, **o)
+
+    a, b = make(0.1, 1.0), make(0.01, 0.1)
+    for t in range(10):
+        if t == 3:
+            a.scale_lr(0.1)
+        if t >= 3:
+            assert a.get_lr() == pytest.approx(b.get_lr(), rel=1e-12), t
+        for s in (a, b):
+            s.step(1.0) if kind == "plateau" else s.step()

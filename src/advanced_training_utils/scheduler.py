@@ -331,8 +331,10 @@ class LearningRateScheduler:
             self.scheduler.step()
 
     def scale_lr(self, factor: float) -> None:
-        """Multiply every LR this schedule uses (current, base, warmup target, onecycle bounds)
-        by ``factor``; the schedule's shape is kept. Used by divergence recovery."""
+        """Multiply every LR this schedule uses (current, base, warmup target, onecycle bounds,
+        the cosine's and plateau's floors) by ``factor``; the schedule's shape is kept: the
+        rest of the curve is ``factor`` times what it would have been. Used by divergence
+        recovery."""
         check_real("factor", factor, low=0.0, low_inclusive=False)
         for g in self.optimizer.param_groups:
             g["lr"] *= factor
@@ -342,6 +344,10 @@ class LearningRateScheduler:
         sch = self.scheduler
         if hasattr(sch, "base_lrs"):
             sch.base_lrs = [b * factor for b in sch.base_lrs]
+        if hasattr(sch, "eta_min"):  # cosine: else its floor would lift a lowered LR back up
+            sch.eta_min *= factor
+        if hasattr(sch, "min_lrs"):  # plateau
+            sch.min_lrs = [m * factor for m in sch.min_lrs]
         if getattr(sch, "_last_lr", None) is not None:
             sch._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
         self._start_lrs = [x * factor for x in self._start_lrs]
