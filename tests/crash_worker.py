@@ -67,7 +67,7 @@ def main() -> int:
                          resume=True, checkpoint_every_n_steps=args.every or None, verbose=False,
                          use_augmentation=True, augment="emotion",
                          augment_options={"noise_level": 0.05}, scheduler_type="plateau",
-                         patience=1, restore_best_weights=False)
+                         plateau_patience=1, restore_best_weights=False)
     torch.save(model.state_dict(), args.out / "final.pt")
     print("done", flush=True)
     return 0

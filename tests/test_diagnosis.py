@@ -122,17 +122,17 @@ REMEDY_TABLE = [
     ("plateau", dict(scheduler_type="cosine"), None, (PLATEAU, ONECYCLE)),
     ("plateau", dict(use_scheduler=False), None, (PLATEAU, ONECYCLE)),
     ("plateau", dict(scheduler_type="onecycle"), None, (PLATEAU,)),
-    ("plateau", dict(scheduler_type="plateau", patience=8), None,
+    ("plateau", dict(scheduler_type="plateau", plateau_patience=8), None,
      ("lower the plateau scheduler's patience (now 8) so it acts sooner", ONECYCLE)),
     ("plateau", dict(scheduler_type="plateau", min_lr=1e-3), None,
      ("the LR is at min_lr (0.001): lower min_lr", ONECYCLE)),
-    ("plateau", dict(scheduler_type="plateau", patience=5, early_stop_patience=5), True,
+    ("plateau", dict(scheduler_type="plateau", plateau_patience=5, early_stop_patience=5), True,
      ("lower the plateau scheduler's patience (now 5) so it acts sooner",
       "increase early_stop_patience (now 5) above the plateau scheduler's patience (5) so the "
       "LR can drop before the run stops", ONECYCLE)),
-    ("plateau", dict(scheduler_type="plateau", patience=5, early_stop_patience=5), False,
+    ("plateau", dict(scheduler_type="plateau", plateau_patience=5, early_stop_patience=5), False,
      ("lower the plateau scheduler's patience (now 5) so it acts sooner", ONECYCLE)),
-    ("plateau", dict(scheduler_type="plateau", patience=5, early_stop_patience=8), True,
+    ("plateau", dict(scheduler_type="plateau", plateau_patience=5, early_stop_patience=8), True,
      ("lower the plateau scheduler's patience (now 5) so it acts sooner", ONECYCLE)),
     # gradients
     ("exploding_gradients", dict(gradient_clip=None), None, (CLIP_OFF, LR)),
@@ -195,3 +195,16 @@ def test_a_saved_config_gives_the_same_remedies_as_the_options():
     (f,) = [f for f in diagnose(CASES["overfitting"], plain, stopped_early=True)
             if f.kind == "overfitting"]
     assert f.remedies == (AUG,)
+
+
+def test_a_run_saved_before_the_rename_reads_its_plateau_patience_from_patience():
+    """Checkpoints written before ``patience`` became ``plateau_patience`` saved it as
+    ``patience``: the report reads it from there (same remedies as the new name)."""
+    new = dict(scheduler_type="plateau", plateau_patience=5, early_stop_patience=5)
+    old = dict(scheduler_type="plateau", patience=5, early_stop_patience=5)
+    (f_new,) = [f for f in diagnose(CASES["plateau"], new, stopped_early=True)
+                if f.kind == "plateau"]
+    (f_old,) = [f for f in diagnose(CASES["plateau"], old, stopped_early=True)
+                if f.kind == "plateau"]
+    assert f_old.remedies == f_new.remedies
+    assert "patience (now 5)" in f_old.remedies[0] and "(5) so the LR" in f_old.remedies[1]

@@ -208,7 +208,7 @@ def test_onecycle_horizon_and_cosine_default(tmp_path):
 def test_plateau_steps_on_validation_loss():
     tl, vl = make_loaders()
     res = train_model_advanced(make_model(1), tl, vl, CE, epochs=8, learning_rate=1e-7,
-                               scheduler_type="plateau", patience=0, factor=0.5, **QUIET)
+                               scheduler_type="plateau", plateau_patience=0, factor=0.5, **QUIET)
     # With a tiny LR the val loss barely moves; patience 0 and threshold 1e-4 halve the LR.
     lrs = [h["lr"] for h in res["history"]]
     assert lrs[-1] < lrs[0]
