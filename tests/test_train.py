@@ -142,7 +142,7 @@ def test_nonfused_optimizer_also_skips():
 
 def test_resume_after_normal_stop_equals_uninterrupted(tmp_path):
     tl, vl = make_loaders()
-    opts = dict(learning_rate=5e-3, seed=3, scheduler_type="plateau", patience=1,
+    opts = dict(learning_rate=5e-3, seed=3, scheduler_type="plateau", plateau_patience=1,
                 use_augmentation=True, augment="emotion", augment_options={"noise_level": 0.1},
                 early_stop_patience=20, model_name="r", **QUIET)
     full = make_model(6)
