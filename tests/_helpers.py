@@ -24,3 +24,14 @@ def make_model(seed=0, features=(8, 6), classes=3):
         n *= f
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(n, 16), torch.nn.Tanh(),
                                torch.nn.Linear(16, classes))
+
+
+def assert_equal_nan(actual, expected, nan_mask=None):
+    """``actual`` equals ``expected`` exactly where it is not NaN, and is NaN exactly at
+    ``nan_mask`` (default: where ``expected`` is NaN). Same shape and dtype."""
+    import torch
+
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    mask = torch.isnan(expected) if nan_mask is None else nan_mask
+    assert torch.equal(torch.isnan(actual), mask), "NaN where not expected (or missing)"
+    assert torch.equal(actual[~mask], expected[~mask]), "values differ where not NaN"

@@ -1,7 +1,7 @@
 """A small training run for the crash tests: kill it anywhere, resume it, compare weights.
 
     python tests/crash_worker.py OUT_DIR [--epochs 3] [--every 1] [--sleep 0] [--kill-at-io N]
-                                 [--slow-write 0]
+                                 [--slow-write 0] [--sigterm-at N]
 
 Trains an MLP with dropout on a shuffled synthetic dataset with seeded augmentation, plateau
 scheduling and per-step checkpoints (``resume=True`` always: the first start finds nothing), and
@@ -11,9 +11,13 @@ checkpoints (the default of ``train_model_advanced``). ``--kill-at-io N``: SIGKI
 Nth file operation in OUT_DIR (open for writing, write, fsync, link, rename, unlink; see
 tests/faults.py), so kills land inside checkpoint writes and rotations too. ``--slow-write S``:
 each write to a temporary file takes S seconds more (a signal then lands during a write).
+``--sigterm-at N``: send SIGTERM to itself during the Nth criterion call, so the signal arrives
+at a known step (the run must finish that step, checkpoint there and exit 143).
 """
 
 import argparse
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,6 +35,7 @@ def main() -> int:
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--kill-at-io", type=int, default=0)
     ap.add_argument("--slow-write", type=float, default=0.0)
+    ap.add_argument("--sigterm-at", type=int, default=0)
     args = ap.parse_args()
     if args.kill_at_io or args.slow_write:
         from faults import OPS, FileFaults
@@ -60,6 +65,8 @@ def main() -> int:
         print(f"batch {calls[0]} {'train' if model.training else 'val'}", flush=True)
         if args.sleep:
             time.sleep(args.sleep)
+        if calls[0] == args.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
         return ce(out, target)
 
     train_model_advanced(model, train, val, criterion, epochs=args.epochs, learning_rate=3e-3,
@@ -67,7 +74,7 @@ def main() -> int:
                          resume=True, checkpoint_every_n_steps=args.every or None, verbose=False,
                          use_augmentation=True, augment="emotion",
                          augment_options={"noise_level": 0.05}, scheduler_type="plateau",
-                         patience=1, restore_best_weights=False)
+                         plateau_patience=1, restore_best_weights=False)
     torch.save(model.state_dict(), args.out / "final.pt")
     print("done", flush=True)
     return 0

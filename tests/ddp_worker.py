@@ -194,7 +194,7 @@ def main() -> int:
     m = model()
     ce = torch.nn.CrossEntropyLoss()
     opts = dict(epochs=4, learning_rate=3e-3, device="cpu", verbose=False, seed=0,
-                scheduler_type="plateau", patience=0, restore_best_weights=False,
+                scheduler_type="plateau", plateau_patience=0, restore_best_weights=False,
                 checkpoint_dir=out / "ckpt", model_name="ddp")
     crit = ce
     if mode == "different":

@@ -280,6 +280,9 @@ BAD = [
     # CLI-only options
     (["--nproc-per-node", "0"], {}, "--nproc-per-node must be >= 1, got 0"),
     (["--out", "{d}/afile"], {"afile": "x"}, "afile exists and is not a directory"),
+    (["--set", "patience=2"], {}, "--set: option 'patience' is ambiguous in train_model_advanced: "
+     "pass plateau_patience="),
+    (["--config", "{d}/p.yaml"], {"p.yaml": "patience: 2\n"}, "early_stop_patience= (epochs"),
 ]
 
 

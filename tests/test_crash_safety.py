@@ -12,6 +12,7 @@ import torch
 
 from _helpers import make_data, make_model
 from advanced_training_utils import CheckpointError, load_checkpoint, train_model_advanced
+from advanced_training_utils import checkpoint as ck
 from advanced_training_utils.checkpoint import checkpoint_chain
 
 CE = torch.nn.CrossEntropyLoss()
@@ -235,12 +236,15 @@ def test_kill_9_at_random_points_then_resume_is_bit_exact(tmp_path, reference):
 
 
 def test_sigterm_checkpoints_exits_143_and_resumes_exactly(tmp_path, reference):
-    p = _spawn(tmp_path, "--sleep", "0.002")
-    assert _run_until(p, 40)
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    """SIGTERM during criterion call 40: epoch 1 is 24 training + 3 validation calls, so the
+    signal lands in epoch 2's 13th training batch. Without step checkpoints (``--every 0``) the
+    only mid-epoch checkpoint is the one the signal makes: after that step, and not later."""
+    p = _spawn(tmp_path, "--every", "0", "--sigterm-at", "40")
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM
+    assert out.splitlines()[-1] == "batch 40 train"  # no criterion call after the signal's step
     state = load_checkpoint(tmp_path / "w_last.pt")
-    assert state["step_in_epoch"] > 0 or state["epoch"] > 0
+    assert (state[ck.EPOCH_KEY], state[ck.STEP_KEY]) == (1, 13)  # 1 epoch done, 13 batches
     p = _spawn(tmp_path)
     assert p.wait(timeout=120) == 0
     got = _final(tmp_path)

@@ -45,14 +45,34 @@ def test_healthy_history_has_no_finding():
     assert format_diagnosis([], HEALTHY).startswith("Healthy run: 10 epochs")
 
 
+# Each case's finding: exactly the epochs it flags and the evidence it cites (epochs and values).
+EVIDENCE = {
+    "diverging": ((5,), "non-finite loss in epoch(s) 5"),
+    "overfitting": ((4, 10), "val loss rose from 0.45 (epoch 4) to 0.9 (epoch 10) while train "
+                             "loss fell from 0.393 to 0.09035"),
+    "plateau": ((6, 7, 8, 9, 10), "best val loss moved from 0.69 to 0.69 (<1%) over epochs 6-10 "
+                                  "at a constant lr 0.001"),
+    "exploding_gradients": ((3,), "grad norm reached 250 in epoch 3, 250x the median epoch "
+                                  "mean 1"),
+    "vanishing_gradients": ((2, 3, 4, 5, 6), "mean grad norm 1.00e-06 in epoch 2 (and 4 more "
+                                             "epochs)"),
+    "skipped_steps": ((2, 5), "4 optimizer step(s) skipped for NaN/Inf in epochs 2, 5"),
+    "rollbacks": ((3,), "1 rollback(s): epoch 3: median loss 9 > 3 x 1; restored, lr x0.5"),
+}
+
+
+def test_the_evidence_table_covers_every_case():
+    assert set(EVIDENCE) == set(CASES)
+
+
 @pytest.mark.parametrize("kind", list(CASES))
 def test_each_case_gives_its_finding_with_evidence_and_remedy(kind):
     findings = diagnose(CASES[kind])
     kinds = [f.kind for f in findings]
     assert kind in kinds
     f = findings[kinds.index(kind)]
-    assert f.epochs and f.remedies
-    assert any(str(e) in f.evidence for e in f.epochs)  # cites the epochs
+    assert (f.epochs, f.evidence) == EVIDENCE[kind]  # cites exactly these epochs and values
+    assert f.remedies
 
 
 def test_specific_numbers_cited():
@@ -122,17 +142,17 @@ REMEDY_TABLE = [
     ("plateau", dict(scheduler_type="cosine"), None, (PLATEAU, ONECYCLE)),
     ("plateau", dict(use_scheduler=False), None, (PLATEAU, ONECYCLE)),
     ("plateau", dict(scheduler_type="onecycle"), None, (PLATEAU,)),
-    ("plateau", dict(scheduler_type="plateau", patience=8), None,
+    ("plateau", dict(scheduler_type="plateau", plateau_patience=8), None,
      ("lower the plateau scheduler's patience (now 8) so it acts sooner", ONECYCLE)),
     ("plateau", dict(scheduler_type="plateau", min_lr=1e-3), None,
      ("the LR is at min_lr (0.001): lower min_lr", ONECYCLE)),
-    ("plateau", dict(scheduler_type="plateau", patience=5, early_stop_patience=5), True,
+    ("plateau", dict(scheduler_type="plateau", plateau_patience=5, early_stop_patience=5), True,
      ("lower the plateau scheduler's patience (now 5) so it acts sooner",
       "increase early_stop_patience (now 5) above the plateau scheduler's patience (5) so the "
       "LR can drop before the run stops", ONECYCLE)),
-    ("plateau", dict(scheduler_type="plateau", patience=5, early_stop_patience=5), False,
+    ("plateau", dict(scheduler_type="plateau", plateau_patience=5, early_stop_patience=5), False,
      ("lower the plateau scheduler's patience (now 5) so it acts sooner", ONECYCLE)),
-    ("plateau", dict(scheduler_type="plateau", patience=5, early_stop_patience=8), True,
+    ("plateau", dict(scheduler_type="plateau", plateau_patience=5, early_stop_patience=8), True,
      ("lower the plateau scheduler's patience (now 5) so it acts sooner", ONECYCLE)),
     # gradients
     ("exploding_gradients", dict(gradient_clip=None), None, (CLIP_OFF, LR)),
@@ -195,3 +215,16 @@ def test_a_saved_config_gives_the_same_remedies_as_the_options():
     (f,) = [f for f in diagnose(CASES["overfitting"], plain, stopped_early=True)
             if f.kind == "overfitting"]
     assert f.remedies == (AUG,)
+
+
+def test_a_run_saved_before_the_rename_reads_its_plateau_patience_from_patience():
+    """Checkpoints written before ``patience`` became ``plateau_patience`` saved it as
+    ``patience``: the report reads it from there (same remedies as the new name)."""
+    new = dict(scheduler_type="plateau", plateau_patience=5, early_stop_patience=5)
+    old = dict(scheduler_type="plateau", patience=5, early_stop_patience=5)
+    (f_new,) = [f for f in diagnose(CASES["plateau"], new, stopped_early=True)
+                if f.kind == "plateau"]
+    (f_old,) = [f for f in diagnose(CASES["plateau"], old, stopped_early=True)
+                if f.kind == "plateau"]
+    assert f_old.remedies == f_new.remedies
+    assert "patience (now 5)" in f_old.remedies[0] and "(5) so the LR" in f_old.remedies[1]

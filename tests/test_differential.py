@@ -319,7 +319,7 @@ def run_ours(c: Config) -> tuple[torch.nn.Module, Any]:
         use_scheduler=c.scheduler != "none",
         scheduler_type=c.scheduler if c.scheduler != "none" else "plateau",
         warmup_steps=c.warmup, gamma=c.gamma, step_size=c.step_size, min_lr=c.min_lr,
-        patience=c.patience, factor=0.5, recovery=False,
+        plateau_patience=c.patience, factor=0.5, recovery=False,
         # onecycle: warmup_steps is the length of its rise, so pct_start only without warmup
         **({} if c.warmup else {"pct_start": c.pct_start}),
         restore_best_weights=False, checkpoint_dir=None, handle_signals=False, verbose=False)

@@ -86,7 +86,7 @@ def test_two_processes_match_one_over_the_same_global_batch(tmp_path):
     train_model_advanced(m, _GlobalBatches(ddp_worker.data(128, 0), 8), val,
                          torch.nn.CrossEntropyLoss(), epochs=4, learning_rate=3e-3,
                          device="cpu", verbose=False, seed=0, scheduler_type="plateau",
-                         patience=0, restore_best_weights=False)
+                         plateau_patience=0, restore_best_weights=False)
     for k, v in m.state_dict().items():
         assert torch.allclose(v, ddp[k], rtol=0, atol=1e-6), k
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

@@ -5,16 +5,17 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from _helpers import make_loaders, make_model
+from _helpers import assert_equal_nan, make_loaders, make_model
 from advanced_training_utils import (
     DataAugmentation,
     EarlyStopping,
     GradientClipper,
     LearningRateScheduler,
     MixedPrecisionTrainer,
+    TrainConfig,
     TrainingStability,
     train_model_advanced,
 )
@@ -54,26 +55,46 @@ def test_scheduler_constructor(kind, key, value):
 @given(max_norm=anything, norm_type=anything)
 def test_clipper_constructor(max_norm, norm_type):
     try:
-        GradientClipper(max_norm, norm_type)
+        c = GradientClipper(max_norm, norm_type)
     except (ValueError, TypeError):
         return
+    # Accepted: positive real numbers (inf too), kept as floats, equal to what was passed.
+    assert type(c.max_norm) is float and type(c.norm_type) is float
+    assert c.max_norm == max_norm > 0 and c.norm_type == norm_type > 0
+    assert not isinstance(max_norm, bool) and not isinstance(norm_type, bool)
 
 
 @SETTINGS
 @given(enabled=anything, device=anything, dtype=anything, patience=anything, delta=anything)
+@example(enabled=True, device="cpu", dtype="bfloat16", patience=1, delta=0.0)
+@example(enabled=True, device="cpu", dtype="float16", patience=3, delta=0.5)
+@example(enabled=False, device="cpu", dtype="float16", patience=6, delta=0)
+@example(enabled=True, device="cuda", dtype="float16", patience=2, delta=1e-3)
 def test_precision_and_early_stopping_constructors(enabled, device, dtype, patience, delta):
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            MixedPrecisionTrainer(enabled=enabled, device=device, dtype=dtype)
+            mp = MixedPrecisionTrainer(enabled=enabled, device=device, dtype=dtype)
         except (ValueError, TypeError):
-            pass
+            mp = None
+    if mp is not None:  # accepted: a bool, a torch device, a dtype resolved for that device
+        assert isinstance(enabled, bool) and mp.device_type == torch.device(device).type
+        assert mp.enabled == (enabled and not (mp.device_type == "cuda"
+                                               and not torch.cuda.is_available()))
+        assert mp.dtype in (torch.float16, torch.bfloat16)
+        assert (mp.scaler is not None) == (mp.enabled and mp.dtype == torch.float16)
     try:
-        EarlyStopping(patience=patience, min_delta=delta)
+        es = EarlyStopping(patience=patience, min_delta=delta)
     except (ValueError, TypeError):
-        pass
+        return
+    # Accepted: an int patience >= 1 and a real min_delta >= 0; it stops after `patience` epochs
+    # without improvement, and not before.
+    assert type(patience) is int and patience >= 1 and es.patience == patience
+    assert es.min_delta == delta >= 0
+    stops = [es.step(1.0) for _ in range(min(patience, 5) + 1)]
+    assert stops == [False] * min(patience, 5) + [patience <= 5]
 
 
 tensors = st.builds(
@@ -88,6 +109,12 @@ tensors = st.builds(
 @SETTINGS
 @given(x=tensors, method=st.sampled_from(["audio", "emotion", "notes"]),
        noise=st.one_of(st.floats(-1, 1), st.just(math.nan)))
+# Always tried: finite inputs of each modality, with and without noise (an in-place change of
+# the input must show, whatever the search draws).
+@example(x=torch.full((2, 4, 8), 1.0), method="audio", noise=0.0)
+@example(x=torch.full((2, 3), -3.0), method="emotion", noise=0.0)
+@example(x=torch.full((2, 3), 1.0), method="emotion", noise=0.5)
+@example(x=torch.full((2, 128), 1.0), method="notes", noise=0.0)
 def test_augmentation_on_any_tensor(x, method, noise):
     aug = DataAugmentation(seed=0)
     fn = {"audio": aug.augment_audio_features, "emotion": aug.augment_emotion_embedding,
@@ -96,11 +123,12 @@ def test_augmentation_on_any_tensor(x, method, noise):
     try:
         out = fn(x, noise_level=noise)
     except (ValueError, TypeError):
-        assert torch.equal(x, before) or (x.isnan() == before.isnan()).all()
+        assert_equal_nan(x, before)  # refused: the input is untouched
         return
     # Documented recovery: NaN/Inf inputs pass through (the training guard skips such steps).
     assert out.shape == x.shape and out.dtype == x.dtype
-    assert torch.equal(x, before) or bool((torch.isnan(x) == torch.isnan(before)).all())
+    assert_equal_nan(x, before)  # the input itself is never changed in place
+    assert bool(torch.isfinite(out[torch.isfinite(x)]).all())  # finite in, finite out
 
 
 @SETTINGS
@@ -133,13 +161,20 @@ def test_train_options(key, value):
     tl, vl = make_loaders(n=16)
     model = make_model(1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    options = {"epochs": 1, "verbose": False, "device": "cpu", key: value,
+               "handle_signals": False}
     try:
-        train_model_advanced(model, tl, vl, torch.nn.CrossEntropyLoss(),
-                             **{"epochs": 1, "verbose": False, "device": "cpu", key: value,
-                                "handle_signals": False})
+        res = train_model_advanced(model, tl, vl, torch.nn.CrossEntropyLoss(), **options)
     except (ValueError, TypeError):
         for k, v in model.state_dict().items():  # a rejected call changes nothing
             assert torch.equal(v, before[k])
+        return
+    # Accepted: the value is one the config accepts, and the run trained its one epoch (every
+    # step taken changed the weights; a step not taken was counted as skipped).
+    TrainConfig.from_options(**options)
+    assert res["epochs_run"] == 1 and [h["epoch"] for h in res["history"]] == [1]
+    changed = any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert changed or res["skipped_steps"] > 0
 
 
 @pytest.mark.parametrize("epochs", [0, -1, 1.5, "3", None, math.nan, True])

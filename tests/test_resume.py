@@ -31,7 +31,7 @@ CHANGED = {
     "model_name": "other",
     "optimizer": lambda p: torch.optim.SGD(p, lr=3e-3), "weight_decay": 0.1,
     "accumulation_steps": 2, "seed": 1, "use_scheduler": False, "scheduler_type": "cosine",
-    "patience": 2, "factor": 0.5, "T_max": 5, "gamma": 0.9, "step_size": 3, "min_lr": 1e-6,
+    "plateau_patience": 2, "factor": 0.5, "T_max": 5, "gamma": 0.9, "step_size": 3, "min_lr": 1e-6,
     "max_lr": 1e-2, "pct_start": 0.5, "warmup_steps": 2, "gradient_clip": 0.5,
     "use_mixed_precision": True, "amp_dtype": "bfloat16", "use_augmentation": True,
     "augment": "emotion", "augment_options": {"noise_level": 0.2}, "early_stop_patience": 5,

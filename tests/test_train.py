@@ -142,7 +142,7 @@ def test_nonfused_optimizer_also_skips():
 
 def test_resume_after_normal_stop_equals_uninterrupted(tmp_path):
     tl, vl = make_loaders()
-    opts = dict(learning_rate=5e-3, seed=3, scheduler_type="plateau", patience=1,
+    opts = dict(learning_rate=5e-3, seed=3, scheduler_type="plateau", plateau_patience=1,
                 use_augmentation=True, augment="emotion", augment_options={"noise_level": 0.1},
                 early_stop_patience=20, model_name="r", **QUIET)
     full = make_model(6)
@@ -208,7 +208,7 @@ def test_onecycle_horizon_and_cosine_default(tmp_path):
 def test_plateau_steps_on_validation_loss():
     tl, vl = make_loaders()
     res = train_model_advanced(make_model(1), tl, vl, CE, epochs=8, learning_rate=1e-7,
-                               scheduler_type="plateau", patience=0, factor=0.5, **QUIET)
+                               scheduler_type="plateau", plateau_patience=0, factor=0.5, **QUIET)
     # With a tiny LR the val loss barely moves; patience 0 and threshold 1e-4 halve the LR.
     lrs = [h["lr"] for h in res["history"]]
     assert lrs[-1] < lrs[0]

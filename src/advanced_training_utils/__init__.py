@@ -20,6 +20,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clipping import GradientClipper
 from .early_stopping import EarlyStopping
 from .engine.config import TrainConfig
+from .engine.options import TrainOptions
 from .engine.presets import PRESETS, get_preset
 from .engine.run import train_model_advanced
 from .precision import MixedPrecisionTrainer
@@ -46,6 +47,7 @@ __all__ = [
     "LogMel",
     "MixedPrecisionTrainer",
     "TrainConfig",
+    "TrainOptions",
     "TrainingStability",
     "get_preset",
     "load_audio_splits",

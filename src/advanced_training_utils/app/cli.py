@@ -54,7 +54,7 @@ from typing import Any
 
 import yaml
 
-from ..engine.config import TrainConfig
+from ..engine.config import AMBIGUOUS, TrainConfig
 from ..engine.presets import PRESET_ALIASES, PRESETS, get_preset
 
 __all__ = ["main", "build_parser", "resolve_options", "write_report"]
@@ -247,6 +247,9 @@ def audio_plan(args: argparse.Namespace) -> Any:
 def _check_keys(where: str, options: dict[str, Any], task: str) -> None:
     valid = _valid_keys(task)
     bad = sorted(k for k in options if k not in valid)
+    ambiguous = [AMBIGUOUS[k] for k in bad if k in AMBIGUOUS]
+    if ambiguous:
+        raise CLIError(f"{where}: " + "; ".join(ambiguous))
     if bad:
         raise CLIError(f"{where}: unknown option(s) {', '.join(bad)}; valid options: "
                        + ", ".join(valid))

@@ -1,7 +1,28 @@
 """Every option of ``train_model_advanced`` in one typed, validated dataclass.
 
 Defaults live here and nowhere else. ``TrainConfig.from_options(**kw)`` rejects unknown keys with
-a message listing the valid ones, then validates every field once.
+a message listing the valid ones, then validates every field once: it is the first thing
+``train_model_advanced`` does, so a bad option fails before the model, the RNGs or any file is
+touched. The option names and types are also :class:`~.options.TrainOptions`, the
+``TypedDict`` that types ``train_model_advanced(**options)``.
+
+How the options are named (one rule for every feature's knobs):
+
+* a feature is switched by ``use_<feature>`` (``use_scheduler``, ``use_mixed_precision``,
+  ``use_augmentation``) or by its own name (``recovery``, ``check_stability``, ``tensorboard``);
+* a knob handed to one of the guide's utilities keeps that utility's argument name
+  (``factor``, ``T_max``, ``gamma``, ``step_size``, ``min_lr``, ``max_lr``, ``pct_start``,
+  ``warmup_steps`` are :class:`~advanced_training_utils.scheduler.LearningRateScheduler`'s;
+  ``min_delta`` and ``restore_best_weights`` early stopping's), *unless* two features share
+  the name: then it is prefixed by the feature it tunes. ``patience`` is both the plateau
+  scheduler's and early stopping's, so the options are ``plateau_patience`` and
+  ``early_stop_patience``, and a bare ``patience=`` is a ``TypeError`` naming both;
+* a knob of the engine's own features is prefixed by what it tunes: ``spike_*`` (the bad-step
+  guard's spike detector), ``rollback_*`` (recovery's rollbacks), ``recovery_check_every``,
+  ``stability_every``, ``checkpoint_every_n_steps``.
+
+:data:`RENAMED` maps an option's old name to its new one; checkpoints that saved the old name
+are compared under the new one on resume.
 
 :data:`RESUME_RULES` says, for every option, whether it may change when a run resumes from a
 checkpoint (see :func:`advanced_training_utils.engine.resume.check_options`).
@@ -14,15 +35,25 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from .._validate import check_choice, check_int, check_real
 from ..scheduler import SCHEDULER_TYPES
+from .options import (
+    AmpDtype,
+    Augment,
+    AugmentModality,
+    Device,
+    Metrics,
+    OptimizerSpec,
+    SchedulerType,
+)
 
-__all__ = ["TrainConfig", "AUGMENT_MODALITIES", "RESUME_RULES", "APPLIES", "FIXED",
-           "NOT_COMPARED"]
+__all__ = ["TrainConfig", "AUGMENT_MODALITIES", "AMP_DTYPES", "RESUME_RULES", "RENAMED",
+           "AMBIGUOUS", "APPLIES", "FIXED", "NOT_COMPARED"]
 
-AUGMENT_MODALITIES = ("audio", "emotion", "notes")
+AUGMENT_MODALITIES: tuple[str, ...] = get_args(AugmentModality)
+AMP_DTYPES: tuple[str, ...] = get_args(AmpDtype)
 
 APPLIES = "applies"          # may change on resume: the new value takes effect (a warning says so)
 FIXED = "fixed"              # may not change on resume: ValueError naming old and new values
@@ -51,7 +82,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "seed": (FIXED, "the data order and augmentation streams were drawn from it"),
     "use_scheduler": (FIXED, _SCHEDULE),
     "scheduler_type": (FIXED, _SCHEDULE),
-    "patience": (FIXED, _SCHEDULE),
+    "plateau_patience": (FIXED, _SCHEDULE),
     "factor": (FIXED, _SCHEDULE),
     "T_max": (FIXED, _SCHEDULE),
     "gamma": (FIXED, _SCHEDULE),
@@ -92,24 +123,35 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
 }
 
 
+#: Old option name -> new name (saved options of older checkpoints are read under the new name).
+RENAMED: dict[str, str] = {"patience": "plateau_patience"}
+
+#: Option names refused with a message of their own (a plain "unknown option" would not help).
+AMBIGUOUS: dict[str, str] = {
+    "patience": "option 'patience' is ambiguous in train_model_advanced: pass plateau_patience= "
+                "(epochs without improvement before the plateau scheduler lowers the LR) or "
+                "early_stop_patience= (epochs without improvement before training stops)",
+}
+
+
 @dataclass
 class TrainConfig:
     """Options of a training run (see ``train_model_advanced`` for their meaning)."""
 
     epochs: int = 10
     learning_rate: float = 1e-3
-    device: str = "auto"
+    device: Device = "auto"
     checkpoint_dir: Path | str | None = None
     model_name: str = "model"
     # optimisation
-    optimizer: Any = None
+    optimizer: OptimizerSpec = None
     weight_decay: float = 0.01
     accumulation_steps: int = 1
     seed: int | None = None
     # scheduler
     use_scheduler: bool = True
-    scheduler_type: str = "plateau"
-    patience: int = 5
+    scheduler_type: SchedulerType = "plateau"
+    plateau_patience: int = 5   # ReduceLROnPlateau's patience (not early stopping's)
     factor: float | None = None
     T_max: int | None = None
     gamma: float | None = None
@@ -123,10 +165,10 @@ class TrainConfig:
     # clipping / precision
     gradient_clip: float | None = 1.0
     use_mixed_precision: bool = False
-    amp_dtype: str | None = None
+    amp_dtype: AmpDtype | None = None
     # augmentation
     use_augmentation: bool = False
-    augment: Any = None
+    augment: Augment = None
     augment_options: dict[str, Any] = field(default_factory=dict)
     # stopping and checks
     early_stop_patience: int | None = None
@@ -134,7 +176,7 @@ class TrainConfig:
     restore_best_weights: bool = True
     check_stability: bool = False
     stability_every: int = 10
-    metrics: Any = None
+    metrics: Metrics = None
     # crash safety and recovery
     checkpoint_every_n_steps: int | None = None
     keep_last: int = 2
@@ -157,9 +199,22 @@ class TrainConfig:
 
     @classmethod
     def from_options(cls, **options: Any) -> TrainConfig:
-        """Build from keyword options; unknown keys raise ``TypeError`` naming the valid ones."""
+        """Build from keyword options; unknown keys raise ``TypeError`` naming the valid ones
+        (``patience``: naming ``plateau_patience`` and ``early_stop_patience``).
+
+        Example:
+            >>> TrainConfig.from_options(epochs=3, plateau_patience=2).plateau_patience
+            2
+            >>> TrainConfig.from_options(patience=2)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            TypeError: option 'patience' is ambiguous ...: pass plateau_patience= ... or early_stop_patience= ...
+        """
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(names))
+        refused = [AMBIGUOUS[k] for k in unknown if k in AMBIGUOUS]
+        if refused:
+            raise TypeError("; ".join(refused))
         if unknown:
             raise TypeError(
                 f"unknown option(s) {', '.join(map(repr, unknown))}; valid options: "
@@ -193,7 +248,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_choice("scheduler_type", self.scheduler_type, SCHEDULER_TYPES)
-        check_int("patience", self.patience, low=0)
+        check_int("plateau_patience", self.plateau_patience, low=0)
         if self.T_max is not None:
             check_int("T_max", self.T_max, low=1)
         check_int("step_size", self.step_size, low=1)
@@ -202,7 +257,7 @@ class TrainConfig:
             check_real("gradient_clip", self.gradient_clip, low=0.0, low_inclusive=False,
                        allow_inf=True)
         if self.amp_dtype is not None:
-            check_choice("amp_dtype", self.amp_dtype, ("float16", "bfloat16", "auto"))
+            check_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
         if self.augment is not None and not callable(self.augment):
             check_choice("augment", self.augment, AUGMENT_MODALITIES)
         if self.early_stop_patience is not None:
@@ -291,7 +346,7 @@ class TrainConfig:
     def scheduler_options(self, steps_per_epoch: int) -> dict[str, Any]:
         """Keyword options for ``LearningRateScheduler`` for this run's length."""
         opts: dict[str, Any] = {
-            "patience": self.patience, "factor": self.factor, "gamma": self.gamma,
+            "patience": self.plateau_patience, "factor": self.factor, "gamma": self.gamma,
             "step_size": self.step_size, "min_lr": self.min_lr, "warmup_steps": self.warmup_steps,
             "T_max": self.T_max if self.T_max is not None else self.epochs,
         }

@@ -1,13 +1,16 @@
 """Named option sets for ``train_model_advanced``, held as data.
 
-============  ===========  =====  ===  ======  ========  ===========
-preset        scheduler    clip   amp  augment  patience  stability
-============  ===========  =====  ===  ======  ========  ===========
-fast          onecycle     none   yes  no       5         no
-stable        plateau      1.0    no   yes      15        yes
-memory_       cosine       0.5    yes  no       10        no
+============  ===========  =====  ===  =======  ==========  ===========
+preset        scheduler    clip   amp  augment  early stop  stability
+============  ===========  =====  ===  =======  ==========  ===========
+fast          onecycle     none   yes  no       5           no
+stable        plateau      1.0    no   yes      15          yes
+memory_       cosine       0.5    yes  no       10          no
 constrained
-============  ===========  =====  ===  ======  ========  ===========
+============  ===========  =====  ===  =======  ==========  ===========
+
+"early stop" is ``early_stop_patience``; every preset leaves the plateau scheduler's
+``plateau_patience`` at its default (5).
 
 ``memory`` is an alias of ``memory_constrained``.
 """

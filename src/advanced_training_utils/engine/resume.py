@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .config import APPLIES, FIXED, RESUME_RULES, TrainConfig
+from .config import APPLIES, FIXED, RENAMED, RESUME_RULES, TrainConfig
 
 __all__ = ["check_options", "check_optimizer", "optimizer_spec"]
 
@@ -40,7 +40,8 @@ _SCHEDULER_ADDED = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum",
 def check_options(saved: Mapping[str, Any] | None, cfg: TrainConfig, path: Path | str) -> None:
     """Compare the options saved in checkpoint ``path`` with ``cfg``.
 
-    Options absent from ``saved`` (a checkpoint older than the option) are not compared.
+    Options absent from ``saved`` (a checkpoint older than the option) are not compared; an
+    option saved under an old name (:data:`~.config.RENAMED`) is compared under its new one.
 
     Raises:
         ValueError: one or more ``FIXED`` options changed; the message lists each with its
@@ -48,6 +49,7 @@ def check_options(saved: Mapping[str, Any] | None, cfg: TrainConfig, path: Path 
     """
     if not saved:
         return
+    saved = {RENAMED.get(k, k): v for k, v in saved.items()}  # older checkpoints' names
     now = cfg.to_plain()
     refused, applied = [], []
     for name, (rule, why) in RESUME_RULES.items():

@@ -47,6 +47,7 @@ from .dataorder import make_resumable
 from .health.guard import StepGuard
 from .health.recovery import Recovery
 from .loop import EpochSums, Parts, evaluate, read_sums, resolve_metrics, train_epoch
+from .options import TrainOptions, Unpack
 from .preemption import PreemptionHandler, TrainingPreempted
 from .prepare import (
     FirstBatchCheck,
@@ -79,7 +80,7 @@ def train_model_advanced(
     train_loader: Iterable[Any],
     val_loader: Iterable[Any] | None = None,
     criterion: Callable[..., torch.Tensor] | None = None,
-    **options: Any,
+    **options: Unpack[TrainOptions],
 ) -> dict[str, Any]:
     """Train ``model`` with scheduling, clipping, mixed precision, augmentation, early stopping,
     stability checks, a bad-step guard with divergence recovery, and crash-safe checkpoints.
@@ -91,24 +92,26 @@ def train_model_advanced(
         val_loader: the same for validation; None uses the training loss for plateau scheduling,
             early stopping and best weights (with a warning).
         criterion: ``(outputs, targets) -> scalar loss``.
-        **options: the fields of :class:`TrainConfig`. Most used: ``epochs``,
-            ``learning_rate``, ``device`` (``'auto'``), ``checkpoint_dir``, ``model_name``,
-            ``use_scheduler``, ``scheduler_type`` and its options (``patience``, ``factor``,
-            ``T_max`` (default: epochs), ``gamma``, ``step_size``, ``max_lr`` (default:
-            learning_rate), ``warmup_steps``), ``gradient_clip`` (None: no clipping),
-            ``use_mixed_precision`` with ``amp_dtype`` (None: float16 on CUDA, bfloat16 on
-            CPU), ``use_augmentation`` with ``augment`` (``'audio'``, ``'emotion'``,
-            ``'notes'`` or a callable; required: with ``augment=None`` nothing is applied and a
-            warning is logged, since a modality is never guessed from the input shape) and
-            ``augment_options``,
-            ``early_stop_patience``, ``min_delta``, ``check_stability`` with
-            ``stability_every``, ``optimizer`` (an optimizer or a factory of the parameters;
-            default fused AdamW with ``weight_decay``), ``accumulation_steps``, ``metrics``,
-            ``seed``, ``resume`` (True: the newest intact ``{model_name}_last*.pt``; or a path),
-            ``checkpoint_every_n_steps``, ``keep_last``, ``handle_signals``, ``recovery`` with
-            ``spike_factor``, ``spike_window``, ``rollback_after``, ``rollback_lr_factor``,
-            ``max_rollbacks``, ``recovery_check_every``; ``restore_best_weights``,
-            ``tensorboard``, ``verbose``.
+        **options: :class:`TrainOptions`, the fields of :class:`TrainConfig` (which holds the
+            defaults; an unknown name is a ``TypeError``). Run: ``epochs``, ``learning_rate``,
+            ``device`` (``'auto'``: CUDA, MPS, else CPU), ``seed``, ``verbose``. Optimisation:
+            ``optimizer`` (an optimizer or a factory of the parameters; default fused AdamW),
+            ``weight_decay``, ``accumulation_steps``, ``gradient_clip`` (None: no clipping).
+            Scheduler: ``use_scheduler``, ``scheduler_type`` and ``LearningRateScheduler``'s
+            ``factor``, ``T_max`` (default: epochs), ``gamma``, ``step_size``, ``min_lr``,
+            ``max_lr`` (default: learning_rate), ``pct_start``, ``warmup_steps``, and
+            ``plateau_patience`` (its ``patience``; a bare ``patience=`` is refused, since early
+            stopping has one too). Precision: ``use_mixed_precision``, ``amp_dtype`` (None:
+            float16 on CUDA, bfloat16 on CPU). Augmentation: ``use_augmentation``, ``augment``
+            (``'audio'``, ``'emotion'``, ``'notes'`` or a callable; with None nothing is applied
+            and a warning is logged), ``augment_options``. Stopping and checks:
+            ``early_stop_patience``, ``min_delta``, ``restore_best_weights``,
+            ``check_stability``, ``stability_every``, ``metrics``. Files: ``checkpoint_dir``,
+            ``model_name``, ``resume`` (True: the newest intact ``{model_name}_last*.pt``; or a
+            path), ``checkpoint_every_n_steps``, ``keep_last``, ``handle_signals``,
+            ``metrics_file``, ``tensorboard``. Recovery: ``recovery``, ``spike_factor``,
+            ``spike_window``, ``rollback_after``, ``rollback_lr_factor``, ``max_rollbacks``,
+            ``divergence_factor``, ``recovery_check_every``. Under torchrun: ``dist_timeout``.
 
     Returns:
         dict with ``best_val_loss``, ``best_epoch`` (1-based; 0 if no epoch improved),

@@ -95,12 +95,18 @@ def _plateau_remedy(c: dict[str, Any], last_lr: float) -> str:
     min_lr = float(c.get("min_lr") or 0.0)
     if math.isfinite(last_lr) and last_lr <= min_lr * (1 + 1e-9):
         return f"the LR is at min_lr ({min_lr:g}): lower min_lr"
-    return f"lower the plateau scheduler's patience (now {c.get('patience')}) so it acts sooner"
+    return (f"lower the plateau scheduler's patience (now {_plateau_patience(c)}) so it acts "
+            "sooner")
+
+
+def _plateau_patience(c: dict[str, Any]) -> Any:
+    """``plateau_patience``; runs saved before the rename called it ``patience``."""
+    return c.get("plateau_patience", c.get("patience"))
 
 
 def _patience_remedy(c: dict[str, Any], fired: bool) -> str | None:
     """Early stopping that fired before the plateau scheduler could lower the LR."""
-    stop, patience = c.get("early_stop_patience"), c.get("patience")
+    stop, patience = c.get("early_stop_patience"), _plateau_patience(c)
     if not (fired and _uses(c, "plateau") and stop is not None and patience is not None
             and stop <= patience):
         return None
