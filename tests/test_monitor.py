@@ -24,7 +24,7 @@ X, Y = torch.randn(8, 8, 6, generator=torch.Generator().manual_seed(0)), torch.t
     [0, 1, 2, 0, 1, 2, 0, 1])
 
 
-def _monitor(schedule=True, check_every=None, seed=0, **recovery):
+def _monitor(schedule=True, check_every=None, seed=0, **options):
     model = make_model(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = LearningRateScheduler(opt, "cosine", T_max=10) if schedule else NoSchedule(opt)
@@ -33,7 +33,8 @@ def _monitor(schedule=True, check_every=None, seed=0, **recovery):
              ck.PRECISION_KEY: MixedPrecisionTrainer(enabled=False, device="cpu"),
              ck.CLIPPER_KEY: KeepSettings(clipper, "max_norm", "norm_type")}
     guard = StepGuard(opt)
-    rec = Recovery(table, model, opt, sched, guard, **recovery)
+    recovery = dict(rollback_after=5, lr_factor=0.5, max_rollbacks=3, divergence_factor=3.0)
+    rec = Recovery(table, model, opt, sched, guard, **{**recovery, **options})
     return DivergenceMonitor(guard, rec, check_every), table, clipper
 
 

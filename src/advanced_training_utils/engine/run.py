@@ -1,20 +1,20 @@
 """``train_model_advanced``: one call that trains a model with every feature working together.
 
-The run, top to bottom:
+The run reads top to bottom in :func:`train_model_advanced`; each phase and each decision is a
+named method of ``_Run``:
 
 1. options -> :class:`TrainConfig` (validated once; unknown options are an error);
-2. parts built from the config: optimizer, precision, clipper, guard, scheduler, augmentation,
-   early stopping, recovery; each is a real object or a no-op with the same methods;
+2. build: :func:`.parts.build_parts` makes every part from the config (a real object or a no-op
+   with the same methods) and the table of stateful parts (:mod:`.state`);
 3. resume, if asked: the saved options and optimizer are checked against this run's
-   (:mod:`.resume`; :data:`.config.RESUME_RULES` says which options may change), then every
-   part's ``load_state_dict`` from the newest intact checkpoint, RNG states (the loaders'
-   generators too), the position in the epoch and recovery's last good snapshot included;
-4. per epoch: :func:`loop.train_epoch` (which calls back after every optimizer step for
-   step checkpoints, preemption and recovery checks), :func:`loop.evaluate`, one host read of
-   the epoch's numbers, then the epoch-level decisions (plateau/epoch scheduler, early stopping,
-   best weights, stability checks, recovery), checkpoints and the metrics line;
-5. at the end the best weights are restored (unless ``restore_best_weights=False``) and a result
-   dict is returned.
+   (:mod:`.resume`; :data:`.config.RESUME_RULES` says which options may change), then
+   :func:`.state.load_parts` loads the table from the newest intact checkpoint and this rank's
+   state (RNGs, the loaders' generators, the guard, the open epoch's sums) is restored;
+4. per epoch: train (:func:`loop.train_epoch`, which calls back after every optimizer step for
+   recovery checks, step checkpoints and preemption), evaluate, read the epoch's numbers once
+   (the divergence monitor may roll back here), then the decisions: step the LR, keep the best
+   weights, count for early stopping, stability checks; record the history row, save;
+5. the result: the best weights restored (unless ``restore_best_weights=False``) and a dict.
 
 Devices: ``'auto'`` picks CUDA, then MPS, then CPU. ``'cuda'`` on a machine without CUDA logs a
 warning and runs on the CPU (the guide's examples say ``'cuda'``; they still run on a laptop).

@@ -77,11 +77,11 @@ class Recovery:
     optimizer: Any
     scheduler: Any
     guard: Any
+    rollback_after: int      # the run's options (TrainConfig holds their defaults)
+    lr_factor: float
+    max_rollbacks: int
+    divergence_factor: float
     enabled: bool = True
-    rollback_after: int = 5
-    lr_factor: float = 0.5
-    max_rollbacks: int = 3
-    divergence_factor: float = 3.0
     rollbacks: int = 0
     ref_loss: float | None = None
     lr_scale: float = 1.0
