@@ -114,13 +114,9 @@ def train_model_advanced(
     """
     cfg = TrainConfig.from_options(**options)
     check_inputs(model, train_loader, val_loader, criterion)
-    if cfg.seed is not None:
-        torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    ctx = distributed.setup(device, cfg.dist_timeout)
-    with _process_group(ctx), _run_files(cfg, ctx.is_main) as files:
-        run = _Run(build_parts(model, train_loader, val_loader, criterion, cfg,
-                               ctx.device(device), ctx), cfg, ctx, files)
+    with _session(cfg) as (ctx, device, files):
+        run = _Run(build_parts(model, train_loader, val_loader, criterion, cfg, device, ctx),
+                   cfg, ctx, files)
         run.resume()
         with PreemptionHandler(cfg.handle_signals) as preempt, closing(files):
             for epoch in run.epochs():
@@ -136,6 +132,19 @@ def train_model_advanced(
                 run.save(improved)
                 run.stop_if_preempted(preempt)
         return run.result()
+
+
+@contextlib.contextmanager
+def _session(cfg: TrainConfig
+             ) -> Iterator[tuple[distributed.DistContext, torch.device, RunFiles]]:
+    """Seed the RNGs, pick the device, set up the process group (if any) and open the run's
+    files; close the files and tear the process group down on every exit."""
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    ctx = distributed.setup(device, cfg.dist_timeout)
+    with _process_group(ctx), _run_files(cfg, ctx.is_main) as files:
+        yield ctx, ctx.device(device), files
 
 
 @contextlib.contextmanager
