@@ -67,6 +67,30 @@ def _check_float_tensor(name: str, x: Any, ranks: tuple[int, ...]) -> torch.Tens
     return x
 
 
+def _mask_options(policy: str | None, freq_mask_param: int, num_freq_masks: int,
+                  time_mask_param: int, num_time_masks: int, max_time_fraction: float,
+                  mask_value: float | str) -> dict[str, Any]:
+    """The mask options, checked; a ``policy`` (``SPECAUGMENT_POLICIES``) sets the first five."""
+    if policy is not None:
+        check_choice("policy", policy, SPECAUGMENT_POLICIES)
+        p = SPECAUGMENT_POLICIES[policy]
+        freq_mask_param, num_freq_masks = int(p["freq_mask_param"]), int(p["num_freq_masks"])
+        time_mask_param, num_time_masks = int(p["time_mask_param"]), int(p["num_time_masks"])
+        max_time_fraction = p["max_time_fraction"]
+    check_int("freq_mask_param", freq_mask_param, low=0)
+    check_int("num_freq_masks", num_freq_masks, low=0)
+    check_int("time_mask_param", time_mask_param, low=0)
+    check_int("num_time_masks", num_time_masks, low=0)
+    check_real("max_time_fraction", max_time_fraction, low=0.0, high=1.0)
+    if isinstance(mask_value, str):
+        check_choice("mask_value", mask_value, ("mean",))
+    else:
+        check_real("mask_value", mask_value)
+    return {"freq_mask_param": freq_mask_param, "num_freq_masks": num_freq_masks,
+            "time_mask_param": time_mask_param, "num_time_masks": num_time_masks,
+            "max_time_fraction": max_time_fraction, "mask_value": mask_value}
+
+
 class DataAugmentation:
     """Seeded, batched augmentation for mel-spectrograms, emotion embeddings and note rolls.
 
@@ -201,57 +225,53 @@ class DataAugmentation:
         """
         x = _check_float_tensor("mel", mel, (2, 3, 4))
         check_real("noise_level", noise_level, low=0.0)
-        if policy is not None:
-            check_choice("policy", policy, SPECAUGMENT_POLICIES)
-            p = SPECAUGMENT_POLICIES[policy]
-            freq_mask_param, num_freq_masks = int(p["freq_mask_param"]), int(p["num_freq_masks"])
-            time_mask_param, num_time_masks = int(p["time_mask_param"]), int(p["num_time_masks"])
-            max_time_fraction = p["max_time_fraction"]
-        check_int("freq_mask_param", freq_mask_param, low=0)
-        check_int("num_freq_masks", num_freq_masks, low=0)
-        check_int("time_mask_param", time_mask_param, low=0)
-        check_int("num_time_masks", num_time_masks, low=0)
-        check_real("max_time_fraction", max_time_fraction, low=0.0, high=1.0)
-        if isinstance(mask_value, str):
-            check_choice("mask_value", mask_value, ("mean",))
-        else:
-            check_real("mask_value", mask_value)
-
+        masks = _mask_options(policy, freq_mask_param, num_freq_masks, time_mask_param,
+                              num_time_masks, max_time_fraction, mask_value)
         x4 = x.reshape(1, 1, *x.shape) if x.dim() == 2 else (x.unsqueeze(1) if x.dim() == 3 else x)
-        x4 = x4.contiguous()
-        b, _, n_freq, n_time = x4.shape                             # [B, C, F, T]
-        dims = (1, 2, 3)
+        x4 = x4.contiguous()                                        # [B, C, F, T]
         masking = time_mask or freq_mask
         mean = None
-        acc = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64
         if noise_level > 0 or (masking and mask_value == "mean"):
             # Two fast reductions (mean and L2) instead of a slow two-pass std.
-            mean = torch.mean(x4, dim=dims, keepdim=True, dtype=acc)
-        if noise_level > 0:
-            n = x4[0].numel()
-            sumsq = torch.linalg.vector_norm(x4, dim=dims, keepdim=True, dtype=acc)
-            var = (sumsq.square() / n - mean.square()).clamp_min(0.0)
-            scale = (var.sqrt() * noise_level).to(x.dtype)          # [B, 1, 1, 1]
-            noise = self._randn_like(x4) if exact_noise else self._bank_noise(x4)
-            out = torch.addcmul(x4, noise, scale)
-        else:
-            out = x4.clone()
+            acc = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64
+            mean = torch.mean(x4, dim=(1, 2, 3), keepdim=True, dtype=acc)
+        out = self._noisy(x4, mean, noise_level, exact_noise) if noise_level > 0 else x4.clone()
         if masking:
-            f_cap = (n_freq - 1) // max(num_freq_masks, 1)
-            t_cap = min(int(max_time_fraction * n_time), (n_time - 1) // max(num_time_masks, 1))
-            fm = self._band_masks(b, n_freq, freq_mask_param if freq_mask else 0,
-                                  num_freq_masks, f_cap, x.device)  # [B, F]
-            tm = self._band_masks(b, n_time, time_mask_param if time_mask else 0,
-                                  num_time_masks, t_cap, x.device)  # [B, T]
-            keep_f = (~fm).to(x.dtype)[:, None, :, None]            # [B, 1, F, 1]
-            keep_t = (~tm).to(x.dtype)[:, None, None, :]            # [B, 1, 1, T]
-            if mask_value == "mean":
-                fill = mean.to(x.dtype)
-            else:
-                fill = torch.full((), float(mask_value), dtype=x.dtype, device=x.device)
-            # Separable masks: (out - fill) * keep_f * keep_t + fill, all in place.
-            out.sub_(fill).mul_(keep_f).mul_(keep_t).add_(fill)
+            self._mask(out, mean, time_mask, freq_mask, **masks)
         return out.reshape(x.shape)
+
+    def _noisy(self, x4: torch.Tensor, mean: torch.Tensor, noise_level: float,
+               exact_noise: bool) -> torch.Tensor:
+        """``x4 + noise * noise_level * std`` per example (``x4``: ``[B, C, F, T]``; ``mean``:
+        its per-example mean, ``[B, 1, 1, 1]``)."""
+        acc = mean.dtype
+        n = x4[0].numel()
+        sumsq = torch.linalg.vector_norm(x4, dim=(1, 2, 3), keepdim=True, dtype=acc)
+        var = (sumsq.square() / n - mean.square()).clamp_min(0.0)
+        scale = (var.sqrt() * noise_level).to(x4.dtype)             # [B, 1, 1, 1]
+        noise = self._randn_like(x4) if exact_noise else self._bank_noise(x4)
+        return torch.addcmul(x4, noise, scale)
+
+    def _mask(self, out: torch.Tensor, mean: torch.Tensor | None, time_mask: bool,
+              freq_mask: bool, freq_mask_param: int, num_freq_masks: int, time_mask_param: int,
+              num_time_masks: int, max_time_fraction: float, mask_value: float | str) -> None:
+        """SpecAugment's frequency and time masks on ``out`` (``[B, C, F, T]``), in place."""
+        b, _, n_freq, n_time = out.shape
+        dtype, device = out.dtype, out.device
+        f_cap = (n_freq - 1) // max(num_freq_masks, 1)
+        t_cap = min(int(max_time_fraction * n_time), (n_time - 1) // max(num_time_masks, 1))
+        fm = self._band_masks(b, n_freq, freq_mask_param if freq_mask else 0,
+                              num_freq_masks, f_cap, device)        # [B, F]
+        tm = self._band_masks(b, n_time, time_mask_param if time_mask else 0,
+                              num_time_masks, t_cap, device)        # [B, T]
+        keep_f = (~fm).to(dtype)[:, None, :, None]                  # [B, 1, F, 1]
+        keep_t = (~tm).to(dtype)[:, None, None, :]                  # [B, 1, 1, T]
+        if mask_value == "mean":
+            fill = mean.to(dtype)
+        else:
+            fill = torch.full((), float(mask_value), dtype=dtype, device=device)
+        # Separable masks: (out - fill) * keep_f * keep_t + fill, all in place.
+        out.sub_(fill).mul_(keep_f).mul_(keep_t).add_(fill)
 
     # ------------------------------------------------------------------ emotion
     def augment_emotion_embedding(

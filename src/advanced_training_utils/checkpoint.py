@@ -1,6 +1,7 @@
 """Checkpoint files: named keys, atomic writes, a checksum, and safe verified loading.
 
-A checkpoint is a plain dict of state dicts under the key constants below, plus
+A checkpoint is a plain dict of state dicts under the key constants below (every key of the
+file is named here, the engine's too), plus
 ``FORMAT_KEY`` (the format version) and ``CHECKSUM_KEY`` (a CRC-32 over the payload's structure
 and tensor bytes, computed on the tensors' own buffers without copies; CRC-32 is what zip
 archives use to detect corruption, and it is 5x faster here than SHA-256). It is written to a
@@ -32,6 +33,8 @@ __all__ = [
     "AUGMENTATION_KEY", "CHECKSUM_KEY", "CLIPPER_KEY", "CONFIG_KEY", "EARLY_STOPPING_KEY",
     "EPOCH_KEY", "FORMAT_KEY", "FORMAT_VERSION", "GUARD_KEY", "HISTORY_KEY", "MODEL_KEY",
     "OPTIMIZER_KEY", "PRECISION_KEY", "RNG_KEY", "SCHEDULER_KEY", "STEP_KEY", "BEST_KEY",
+    "RECOVERY_KEY", "RANKS_KEY", "EPOCH_ORDER_KEY", "OPTIMIZER_SPEC_KEY", "GLOBAL_STEP_KEY",
+    "CHECK_FROM_KEY", "EPOCH_SUMS_KEY", "LOADER_RNG_KEY",
     "CheckpointError", "capture_rng", "restore_rng", "save_checkpoint", "load_checkpoint",
     "payload_digest", "rotate_and_save", "find_resumable", "checkpoint_chain",
 ]
@@ -53,6 +56,15 @@ STEP_KEY = "step_in_epoch"
 RNG_KEY = "rng"
 CONFIG_KEY = "config"
 BEST_KEY = "best"
+RECOVERY_KEY = "recovery"              # divergence recovery: counters, events, last snapshot
+EPOCH_ORDER_KEY = "epoch_order"        # mid-epoch: the epoch's batch order (None at epoch end)
+OPTIMIZER_SPEC_KEY = "optimizer_spec"  # the optimizer's type and hyperparameters as built
+GLOBAL_STEP_KEY = "global_step"        # optimizer steps so far (step checkpoints, checks)
+CHECK_FROM_KEY = "check_from"          # mid-epoch: the batch where the recovery interval began
+RANKS_KEY = "ranks"                    # one dict per rank, under the keys below
+# per rank (in ``RANKS_KEY``): RNG_KEY, GUARD_KEY and
+EPOCH_SUMS_KEY = "epoch_sums"          # mid-epoch: the open epoch's sums (None at epoch end)
+LOADER_RNG_KEY = "loader"              # the loaders' generators (and the epoch's start state)
 
 
 log = logging.getLogger(__name__)

@@ -10,14 +10,12 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ..clipping import GradientClipper
 from ..precision import MixedPrecisionTrainer
-from ..scheduler import LearningRateScheduler
-from .health.guard import StepGuard
 
 __all__ = ["Parts", "split_batch", "train_epoch", "evaluate", "read_sums", "accuracy",
            "resolve_metrics"]
@@ -102,18 +100,35 @@ def _batch_size(x: Any) -> int:
     return 1
 
 
+class StepDecider(Protocol):
+    """Decides each optimizer step (``engine.health.monitor.DivergenceMonitor``)."""
+
+    def is_bad(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor: ...
+
+    def step(self, bad: torch.Tensor) -> bool | None: ...
+
+
+def _nothing(*args: Any) -> None:
+    """The no-op callback (no ``after_step``, no progress bar)."""
+
+
 @dataclass
 class Parts:
-    """What one training epoch needs, each a real object or a no-op with the same methods."""
+    """What one training epoch needs, each a real object or a no-op with the same methods.
+
+    ``scheduler`` is stepped per optimizer step when its ``interval`` is ``'batch'`` (a
+    ``LearningRateScheduler``, or ``engine.parts.NoSchedule`` with ``interval='never'``);
+    ``augment`` is applied to every training batch (``engine.parts.identity`` when off).
+    """
 
     model: torch.nn.Module
     criterion: Callable[..., torch.Tensor]
     optimizer: torch.optim.Optimizer
     precision: MixedPrecisionTrainer
     clipper: GradientClipper
-    guard: StepGuard
-    scheduler: LearningRateScheduler | None
-    augment: Callable[[torch.Tensor], torch.Tensor] | None
+    monitor: StepDecider
+    scheduler: Any
+    augment: Callable[[Any], Any]
     device: torch.device
     accumulation_steps: int = 1
     metrics: dict[str, Metric] = field(default_factory=dict)
@@ -240,8 +255,8 @@ def _marked(loader: Iterable[Any], start: int, n_batches: int | None, accum: int
 
 def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = None,
                 start: int = 0, n_batches: int | None = None,
-                after_step: Callable[[int, EpochSums], None] | None = None,
-                progress: Callable[[EpochSums, int], None] | None = None,
+                after_step: Callable[[int, EpochSums], None] = _nothing,
+                progress: Callable[[EpochSums, int], None] = _nothing,
                 epoch: int = 0) -> EpochSums:
     """Train over ``loader`` once (from batch ``start`` when resuming mid-epoch).
 
@@ -249,7 +264,8 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
     each accumulation boundary: unscale -> clip -> guard (step or skip) -> scaler update ->
     per-batch scheduler step -> ``after_step(batches_done, sums)`` (checkpoints, preemption,
     recovery checks). Gradients are zeroed at the start of each accumulation window, so the last
-    step's gradients are still there after the epoch (for stability checks).
+    step's gradients are still there after the epoch (for stability checks). ``progress(sums,
+    batch_index)`` is called after every batch (the progress bar).
 
     Gradient accumulation: a window is ``accumulation_steps`` micro-batches, or fewer at the end
     of the epoch (the last partial window steps too, with or without a loader length; without
@@ -274,8 +290,7 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
     for i, batch, last in _marked(loader, start, n_batches, accum):
         x, y = split_batch(batch)
         x, y = _to(x, p.device), _to(y, p.device)
-        if p.augment is not None:
-            x = p.augment(x)
+        x = p.augment(x)
         size = _batch_size(y)
         if w is None:
             p.optimizer.zero_grad(set_to_none=True)
@@ -292,8 +307,7 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
         if closes:
             _close_window(p, w, sums, i + 1, after_step)
             w = None
-        if progress is not None:
-            progress(sums, i)
+        progress(sums, i)
     if w is not None:  # the loader's len() was wrong: the open window steps now
         log.warning("train_loader yielded %d batches but its len() is %s; the last partial "
                     "accumulation window stepped at the end", i + 1, n_batches)
@@ -302,7 +316,7 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
 
 
 def _close_window(p: Parts, w: _Window, sums: EpochSums, done: int,
-                  after_step: Callable[[int, EpochSums], None] | None) -> None:
+                  after_step: Callable[[int, EpochSums], None]) -> None:
     """The optimizer step at the end of an accumulation window (skipped by the guard if bad)."""
     p.precision.unscale_(p.optimizer)
     loss = w.loss
@@ -313,17 +327,16 @@ def _close_window(p: Parts, w: _Window, sums: EpochSums, done: int,
                 q.grad.mul_(factor)
         loss = loss * factor
     norm = p.clipper.clip(p.inner)
-    bad = p.guard.is_bad(loss, norm)
-    stepped = p.guard.step(bad)
+    bad = p.monitor.is_bad(loss, norm)
+    stepped = p.monitor.step(bad)
     p.precision.update()
     sums.optimizer_steps += 1
-    if p.scheduler is not None and p.scheduler.interval == "batch":
+    if p.scheduler.interval == "batch":
         if stepped is None:
             stepped = not bool(bad)  # host read: the schedule must not advance on a skip
         if stepped:
             p.scheduler.step()
-    if after_step is not None:
-        after_step(done, sums)
+    after_step(done, sums)
 
 
 @torch.no_grad()

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ...engine.record import HistoryRow
+
 __all__ = ["Finding", "diagnose", "format_diagnosis", "REMEDIES"]
 
 #: The guide's remedies, by finding.
@@ -153,7 +155,7 @@ def _config_with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _stopped_early(history: Sequence[dict[str, Any]], c: dict[str, Any]) -> bool:
+def _stopped_early(history: Sequence[HistoryRow], c: dict[str, Any]) -> bool:
     """Whether early stopping ended the run, read from the history: it ended before its last
     epoch, after ``early_stop_patience`` epochs in a row without improvement."""
     p = c.get("early_stop_patience")
@@ -170,7 +172,7 @@ def _remedies(kind: str, config: dict[str, Any] | None, fired: bool = False,
     return tuple(r for r in _tailored(kind, config, fired, last_lr) if r)
 
 
-def diagnose(history: Sequence[dict[str, Any]], config: dict[str, Any] | None = None, *,
+def diagnose(history: Sequence[HistoryRow], config: dict[str, Any] | None = None, *,
              stopped_early: bool | None = None) -> list[Finding]:
     """Findings for ``history`` (a list of per-epoch dicts); empty when the run looks healthy.
 
@@ -187,60 +189,88 @@ def diagnose(history: Sequence[dict[str, Any]], config: dict[str, Any] | None = 
     fired = bool(stopped_early) if stopped_early is not None else bool(
         cfg and _stopped_early(history, cfg))
     last_lr = _f(history[-1].get("lr"))
+    cols = _Columns.of(history)
+    found = (_diverging(cols) + _overfitting(cols) + _plateau(history, cols)
+             + _gradients(history, cols) + _recovery(history, cols))
+    return [Finding(kind, evidence, tuple(epochs), _remedies(kind, cfg, fired, last_lr))
+            for kind, evidence, epochs in found]
 
-    def _finding(kind: str, evidence: str, epochs: Sequence[int]) -> Finding:
-        return Finding(kind, evidence, tuple(epochs), _remedies(kind, cfg, fired, last_lr))
 
-    ep = [int(h["epoch"]) for h in history]
-    tr = [_f(h.get("train_loss")) for h in history]
-    va = [_f(h.get("val_loss")) for h in history]
-    has_val = any(math.isfinite(v) for v in va)
-    out: list[Finding] = []
+_Raw = list[tuple[str, str, list[int]]]  # (kind, evidence, epochs) of the findings of a rule
 
-    # diverging
-    bad = [e for e, t, v in zip(ep, tr, va) if not math.isfinite(t) or (has_val and not math.isfinite(v))]
+
+@dataclass(frozen=True)
+class _Columns:
+    """The history's epochs and losses as columns (None read as NaN)."""
+
+    ep: list[int]
+    tr: list[float]
+    va: list[float]
+    has_val: bool
+
+    @classmethod
+    def of(cls, history: Sequence[HistoryRow]) -> _Columns:
+        va = [_f(h.get("val_loss")) for h in history]
+        return cls([int(h["epoch"]) for h in history], [_f(h.get("train_loss")) for h in history],
+                   va, any(math.isfinite(v) for v in va))
+
+
+def _diverging(c: _Columns) -> _Raw:
+    """A non-finite loss, or a final train loss above 1.5x its minimum."""
+    ep, tr, va = c.ep, c.tr, c.va
+    bad = [e for e, t, v in zip(ep, tr, va)
+           if not math.isfinite(t) or (c.has_val and not math.isfinite(v))]
     finite_tr = [(e, t) for e, t in zip(ep, tr) if math.isfinite(t)]
     if bad:
-        out.append(_finding("diverging", f"non-finite loss in epoch(s) {_list(bad)}", bad))
-    elif finite_tr:
+        return [("diverging", f"non-finite loss in epoch(s) {_list(bad)}", bad)]
+    if finite_tr:
         e_min, t_min = min(finite_tr, key=lambda x: x[1])
         if tr[-1] > 1.5 * t_min and tr[-1] - t_min > 1e-3:
-            out.append(_finding(
-                "diverging", f"train loss rose from {t_min:.4g} (epoch {e_min}) to {tr[-1]:.4g} "
-                f"(epoch {ep[-1]})", [e_min, ep[-1]]))
+            return [("diverging", f"train loss rose from {t_min:.4g} (epoch {e_min}) to "
+                     f"{tr[-1]:.4g} (epoch {ep[-1]})", [e_min, ep[-1]])]
+    return []
 
-    # overfitting
-    if has_val:
-        finite_va = [(e, v, t) for e, v, t in zip(ep, va, tr) if math.isfinite(v)]
-        e_best, v_best, t_best = min(finite_va, key=lambda x: x[1])
-        after = [x for x in finite_va if x[0] > e_best]
-        if len(after) >= 3 and after[-1][1] > 1.1 * v_best and after[-1][2] < t_best:
-            out.append(_finding(
-                "overfitting", f"val loss rose from {v_best:.4g} (epoch {e_best}) to "
-                f"{after[-1][1]:.4g} (epoch {after[-1][0]}) while train loss fell from "
-                f"{t_best:.4g} to {after[-1][2]:.4g}", [e_best, after[-1][0]]))
-        elif math.isfinite(va[-1]) and math.isfinite(tr[-1]) and tr[-1] > 0.01 and va[-1] > 2 * tr[-1]:
-            out.append(_finding(
-                "overfitting", f"at epoch {ep[-1]} val loss {va[-1]:.4g} is "
-                f"{va[-1] / tr[-1]:.1f}x the train loss {tr[-1]:.4g}", [ep[-1]]))
 
-    # plateau
-    mon = va if has_val else tr
-    if len(history) >= 6:
-        tail = history[-5:]
-        lrs = {_f(h.get("lr")) for h in tail}
-        before = [m for m in mon[:-5] if math.isfinite(m)]
-        recent = [m for m in mon[-5:] if math.isfinite(m)]
-        if before and recent and len(lrs) == 1:
-            b0, b1 = min(before), min(before + recent)
-            if b0 - b1 < 0.01 * abs(b0):
-                which = "val" if has_val else "train"
-                out.append(_finding(
-                    "plateau", f"best {which} loss moved from {b0:.4g} to {b1:.4g} "
-                    f"(<1%) over epochs {ep[-5]}-{ep[-1]} at a constant lr {lrs.pop():.3g}",
-                    ep[-5:]))
+def _overfitting(c: _Columns) -> _Raw:
+    """Val loss 10%+ above its best while train loss fell (3+ epochs after the best), or a
+    final val/train ratio above 2."""
+    if not c.has_val:
+        return []
+    ep, tr, va = c.ep, c.tr, c.va
+    finite_va = [(e, v, t) for e, v, t in zip(ep, va, tr) if math.isfinite(v)]
+    e_best, v_best, t_best = min(finite_va, key=lambda x: x[1])
+    after = [x for x in finite_va if x[0] > e_best]
+    if len(after) >= 3 and after[-1][1] > 1.1 * v_best and after[-1][2] < t_best:
+        return [("overfitting", f"val loss rose from {v_best:.4g} (epoch {e_best}) to "
+                 f"{after[-1][1]:.4g} (epoch {after[-1][0]}) while train loss fell from "
+                 f"{t_best:.4g} to {after[-1][2]:.4g}", [e_best, after[-1][0]])]
+    if math.isfinite(va[-1]) and math.isfinite(tr[-1]) and tr[-1] > 0.01 and va[-1] > 2 * tr[-1]:
+        return [("overfitting", f"at epoch {ep[-1]} val loss {va[-1]:.4g} is "
+                 f"{va[-1] / tr[-1]:.1f}x the train loss {tr[-1]:.4g}", [ep[-1]])]
+    return []
 
-    # gradients
+
+def _plateau(history: Sequence[HistoryRow], c: _Columns) -> _Raw:
+    """Over the last 5+ epochs the best monitored loss improved <1% at a constant LR."""
+    mon = c.va if c.has_val else c.tr
+    if len(history) < 6:
+        return []
+    lrs = {_f(h.get("lr")) for h in history[-5:]}
+    before = [m for m in mon[:-5] if math.isfinite(m)]
+    recent = [m for m in mon[-5:] if math.isfinite(m)]
+    if not (before and recent and len(lrs) == 1):
+        return []
+    b0, b1 = min(before), min(before + recent)
+    if b0 - b1 >= 0.01 * abs(b0):
+        return []
+    which = "val" if c.has_val else "train"
+    return [("plateau", f"best {which} loss moved from {b0:.4g} to {b1:.4g} (<1%) over epochs "
+             f"{c.ep[-5]}-{c.ep[-1]} at a constant lr {lrs.pop():.3g}", c.ep[-5:])]
+
+
+def _gradients(history: Sequence[HistoryRow], c: _Columns) -> _Raw:
+    """Exploding (a max norm 10x the median mean, or the mean grown 10x) and vanishing norms."""
+    ep, out = c.ep, []
     means = [_f(h.get("grad_norm_mean")) for h in history]
     maxes = [_f(h.get("grad_norm_max")) for h in history]
     finite_means = [m for m in means if math.isfinite(m) and m > 0]
@@ -252,35 +282,35 @@ def diagnose(history: Sequence[dict[str, Any]], config: dict[str, Any] | None = 
                  and m > 10 * means[0]]
         if spikes:
             e, m = max(spikes, key=lambda x: x[1])
-            out.append(_finding(
-                "exploding_gradients", f"grad norm reached {m:.4g} in epoch {e}, "
-                f"{m / med:.0f}x the median epoch mean {med:.3g}", [s[0] for s in spikes]))
+            out.append(("exploding_gradients", f"grad norm reached {m:.4g} in epoch {e}, "
+                        f"{m / med:.0f}x the median epoch mean {med:.3g}", [s[0] for s in spikes]))
         elif grown:
             e, m = max(grown, key=lambda x: x[1])
-            out.append(_finding(
-                "exploding_gradients", f"mean grad norm grew from {means[0]:.3g} (epoch "
-                f"{ep[0]}) to {m:.3g} (epoch {e})", [g[0] for g in grown]))
+            out.append(("exploding_gradients", f"mean grad norm grew from {means[0]:.3g} (epoch "
+                        f"{ep[0]}) to {m:.3g} (epoch {e})", [g[0] for g in grown]))
     tiny = [(e, m) for e, m in zip(ep[1:], means[1:]) if math.isfinite(m) and m < 1e-5]
     if tiny:
-        out.append(_finding(
-            "vanishing_gradients", f"mean grad norm {tiny[0][1]:.2e} in epoch {tiny[0][0]}"
-            + (f" (and {len(tiny) - 1} more epochs)" if len(tiny) > 1 else ""),
-            [t[0] for t in tiny]))
+        out.append(("vanishing_gradients", f"mean grad norm {tiny[0][1]:.2e} in epoch {tiny[0][0]}"
+                    + (f" (and {len(tiny) - 1} more epochs)" if len(tiny) > 1 else ""),
+                    [t[0] for t in tiny]))
+    return out
 
-    events = [(e, h["recovery_event"]) for e, h in zip(ep, history) if h.get("recovery_event")]
+
+def _recovery(history: Sequence[HistoryRow], c: _Columns) -> _Raw:
+    """Rollbacks, and steps the guard skipped."""
+    out: _Raw = []
+    events = [(e, h["recovery_event"]) for e, h in zip(c.ep, history) if h.get("recovery_event")]
     if events:
-        out.append(_finding(
-            "rollbacks", f"{len(events)} rollback(s): " + "; ".join(
-                f"epoch {e}: {d}" for e, d in events[:3]), [e for e, _ in events]))
-    skipped = [(e, int(h.get("skipped_steps") or 0)) for e, h in zip(ep, history)
+        out.append(("rollbacks", f"{len(events)} rollback(s): " + "; ".join(
+            f"epoch {e}: {d}" for e, d in events[:3]), [e for e, _ in events]))
+    skipped = [(e, int(h.get("skipped_steps") or 0)) for e, h in zip(c.ep, history)
                if int(h.get("skipped_steps") or 0) > 0]
     if skipped:
         total = sum(s for _, s in skipped)
         spikes = sum(int(h.get("spike_steps") or 0) for h in history)
         why = f" ({spikes} of them loss spikes)" if spikes else ""
-        out.append(_finding(
-            "skipped_steps", f"{total} optimizer step(s) skipped for NaN/Inf{why} in epochs "
-            f"{_list([e for e, _ in skipped])}", [e for e, _ in skipped]))
+        out.append(("skipped_steps", f"{total} optimizer step(s) skipped for NaN/Inf{why} in "
+                    f"epochs {_list([e for e, _ in skipped])}", [e for e, _ in skipped]))
     return out
 
 
@@ -289,7 +319,7 @@ def _list(epochs: Sequence[int]) -> str:
     return ", ".join(map(str, epochs[:8])) + (f" (+{len(epochs) - 8} more)" if len(epochs) > 8 else "")
 
 
-def format_diagnosis(findings: Sequence[Finding], history: Sequence[dict[str, Any]]) -> str:
+def format_diagnosis(findings: Sequence[Finding], history: Sequence[HistoryRow]) -> str:
     """Readable text: one paragraph per finding, or a healthy summary."""
     if not history:
         return "No epochs recorded."

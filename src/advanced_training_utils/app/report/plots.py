@@ -6,16 +6,17 @@ import math
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+from ...engine.record import HistoryRow
 
 __all__ = ["plot_history"]
 
 
-def _series(history: Sequence[dict[str, Any]], key: str) -> list[float]:
+def _series(history: Sequence[HistoryRow], key: str) -> list[float]:
     return [float("nan") if h.get(key) is None else float(h[key]) for h in history]
 
 
-def plot_history(history: Sequence[dict[str, Any]], path: Path | str, title: str = "",
+def plot_history(history: Sequence[HistoryRow], path: Path | str, title: str = "",
                  diagnosis: str = "") -> Path:
     """Write a PNG with four panels (loss, LR, grad norm, clip fraction) and the diagnosis.
 

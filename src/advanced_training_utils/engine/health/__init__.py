@@ -1,1 +1,2 @@
-"""The run's health: the bad-step guard (``guard``) and divergence recovery (``recovery``)."""
+"""The run's health: the bad-step guard (``guard``), divergence recovery (``recovery``) and the
+divergence monitor that owns both (``monitor``): the run talks to the monitor only."""

@@ -21,11 +21,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ... import checkpoint as ck
 from ..._validate import check_int, check_real
 from ...stability import TrainingStability
+from ..state import load_parts, save_parts
 
 __all__ = ["Recovery", "RecoveryEvent", "TrainingDivergedError"]
 
@@ -57,15 +60,28 @@ class RecoveryEvent:
 
 @dataclass
 class Recovery:
-    """Snapshots and rollbacks for one run (a disabled run uses ``enabled=False``)."""
+    """Snapshots and rollbacks for one run (a disabled run uses ``enabled=False``).
 
-    parts: Any
+    Args:
+        parts: the snapshot's table (see :mod:`..state`): model, optimizer, scheduler,
+            precision and clipper under their checkpoint keys; a snapshot is
+            ``save_parts(parts)``, a rollback ``load_parts(parts, snapshot)``.
+        model: the caller's (unwrapped) model, whose weights and gradients are checked.
+        optimizer: the run's optimizer (its LRs are lowered after a rollback).
+        scheduler: the run's scheduler or its no-op (``scale_lr`` lowers the LRs).
+        guard: the run's :class:`.guard.StepGuard` (its step count dates a snapshot).
+    """
+
+    parts: Mapping[str, Any]
+    model: Any
+    optimizer: Any
     scheduler: Any
+    guard: Any
+    rollback_after: int      # the run's options (TrainConfig holds their defaults)
+    lr_factor: float
+    max_rollbacks: int
+    divergence_factor: float
     enabled: bool = True
-    rollback_after: int = 5
-    lr_factor: float = 0.5
-    max_rollbacks: int = 3
-    divergence_factor: float = 3.0
     rollbacks: int = 0
     ref_loss: float | None = None
     lr_scale: float = 1.0
@@ -94,41 +110,24 @@ class Recovery:
         """Copy the current good state (on the device)."""
         if not self.enabled:
             return
-        p = self.parts
         self._snapshot_scale = self.lr_scale
-        self._snapshot_steps = p.guard.steps_seen
-        self._snapshot = copy.deepcopy({
-            "model": p.inner.state_dict(),
-            "optimizer": p.optimizer.state_dict(),
-            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-            "precision": p.precision.state_dict(),
-            "clipper": p.clipper.state_dict(),
-        })
+        self._snapshot_steps = self.guard.steps_seen
+        self._snapshot = copy.deepcopy(save_parts(self.parts))
 
     def _restore(self) -> None:
-        p, s = self.parts, self._snapshot
+        s = self._snapshot
         assert s is not None
-        p.inner.load_state_dict(s["model"])
-        p.optimizer.load_state_dict(copy.deepcopy(s["optimizer"]))
-        if self.scheduler is not None and s["scheduler"] is not None:
-            self.scheduler.load_state_dict(copy.deepcopy(s["scheduler"]))
-        p.precision.load_state_dict(s["precision"])
-        # The clipper's statistics roll back; its threshold is the run's option (it may have
-        # changed on resume since the snapshot).
-        p.clipper.load_state_dict({**s["clipper"], "max_norm": p.clipper.max_norm,
-                                   "norm_type": p.clipper.norm_type})
-        p.optimizer.zero_grad(set_to_none=True)
+        # Copies: a second rollback restores the same snapshot (the weights are copied into
+        # the parameters by load_state_dict, so they need no copy here).
+        load_parts(self.parts, {k: v if k == ck.MODEL_KEY else copy.deepcopy(v)
+                                for k, v in s.items()})
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _scale_lr(self) -> float:
         """After a restore: the LR is the snapshot's; bring it to the lowered overall scale."""
         self.lr_scale *= self.lr_factor
-        factor = self.lr_scale / self._snapshot_scale
-        if self.scheduler is not None:
-            self.scheduler.scale_lr(factor)
-        else:
-            for g in self.parts.optimizer.param_groups:
-                g["lr"] *= factor
-        return float(self.parts.optimizer.param_groups[0]["lr"])
+        self.scheduler.scale_lr(self.lr_scale / self._snapshot_scale)
+        return float(self.optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ checks
     def after_check(self, log_rows: list[list[float]] | None, n_steps: int, consecutive: float,
@@ -157,9 +156,9 @@ class Recovery:
         self._bad_positions.extend((epoch, b) for b in bad_idx)
         self._norm_history.extend(r[1] for r in rows)
         self._norm_history = self._norm_history[-200:]
-        weights = TrainingStability.check_weights(self.parts.inner)
+        weights = TrainingStability.check_weights(self.model)
         if bad_idx and not self._first_nonfinite:
-            grads = TrainingStability.check_gradients(self.parts.inner)
+            grads = TrainingStability.check_gradients(self.model)
             self._first_nonfinite = (grads["nan_grad_params"] + grads["inf_grad_params"]
                                      + weights["nan_weight_params"] + weights["inf_weight_params"])
         frac_bad = len(bad_idx) / n_steps if n_steps else 0.0
@@ -217,10 +216,10 @@ class Recovery:
         as large.
         """
         snap = self._snapshot
-        if snap is not None and self.parts.guard.steps_seen == self._snapshot_steps:
-            snap = {**snap, "model": None,
-                    "optimizer": {"state": None,
-                                  "param_groups": snap["optimizer"]["param_groups"]}}
+        if snap is not None and self.guard.steps_seen == self._snapshot_steps:
+            snap = {**snap, ck.MODEL_KEY: None,
+                    ck.OPTIMIZER_KEY: {"state": None,
+                                       "param_groups": snap[ck.OPTIMIZER_KEY]["param_groups"]}}
         return {"rollbacks": self.rollbacks, "events": [e.as_dict() for e in self.events],
                 "ref_loss": self.ref_loss, "lr_scale": self.lr_scale,
                 "snapshot_scale": self._snapshot_scale, "snapshot_steps": self._snapshot_steps,
@@ -247,9 +246,8 @@ class Recovery:
         self._snapshot = None
         if snap is None or not self.enabled:
             return
-        p = self.parts
-        if snap["model"] is None:  # taken at the checkpoint's own weights
-            snap = {**snap, "model": p.inner.state_dict(),
-                    "optimizer": {**snap["optimizer"],
-                                  "state": p.optimizer.state_dict()["state"]}}
+        if snap[ck.MODEL_KEY] is None:  # taken at the checkpoint's own weights
+            snap = {**snap, ck.MODEL_KEY: self.model.state_dict(),
+                    ck.OPTIMIZER_KEY: {**snap[ck.OPTIMIZER_KEY],
+                                       "state": self.optimizer.state_dict()["state"]}}
         self._snapshot = copy.deepcopy(snap)

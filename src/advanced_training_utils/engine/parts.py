@@ -1,0 +1,214 @@
+"""The run's parts, built from the config: each a real object or a no-op with the same methods.
+
+:func:`build_parts` makes everything a run needs, in a fixed order (the order draws nothing
+from an RNG, but keep it: a resumed run must build what the saved one built), and the table
+of stateful parts (:mod:`.state`) that checkpoints, resumes and recovery's snapshots use.
+
+A feature that is off is a no-op object, so that neither the loop nor the run tests for None:
+no scheduler is :class:`NoSchedule` (``interval='never'``), no early stopping is
+:class:`NoEarlyStopping`, no augmentation is :func:`identity` (and :class:`~.state.NoState` in
+the table).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import checkpoint as ck
+from ..clipping import GradientClipper
+from ..early_stopping import EarlyStopping
+from ..precision import MixedPrecisionTrainer
+from ..scheduler import LearningRateScheduler
+from . import distributed
+from .config import TrainConfig
+from .dataorder import ResumableLoader, make_resumable
+from .health.guard import StepGuard
+from .health.monitor import DivergenceMonitor
+from .health.recovery import Recovery
+from .loop import Parts, resolve_metrics
+from .prepare import FirstBatchCheck, build_augment, build_optimizer, loader_length
+from .resume import optimizer_spec
+from .state import (
+    PROGRESS,
+    EpochPosition,
+    Fixed,
+    KeepSettings,
+    NoState,
+    RankState,
+    RunProgress,
+    Stateful,
+)
+
+__all__ = ["NoSchedule", "NoEarlyStopping", "RunEarlyStopping", "identity", "RunParts",
+           "build_parts"]
+
+log = logging.getLogger(__name__)
+
+
+def identity(x: Any) -> Any:
+    """No augmentation: the batch itself (no copy, no kernel)."""
+    return x
+
+
+class NoSchedule:
+    """No LR schedule: ``interval='never'``, so the loop and the run never step it; a rollback
+    still lowers the LRs through :meth:`scale_lr`."""
+
+    interval = "never"
+    is_plateau = False
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def step(self, metric: float | None = None) -> None:
+        """Nothing to advance."""
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply every param group's LR by ``factor``."""
+        for g in self.optimizer.param_groups:
+            g["lr"] *= factor
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: Any) -> None:
+        """Nothing to restore."""
+
+
+class RunEarlyStopping(EarlyStopping):
+    """:class:`EarlyStopping` whose resume keeps this run's ``patience`` and ``min_delta``: the
+    saved count of bad epochs, judged by the current options."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict({**state, "patience": self.patience, "min_delta": self.min_delta})
+        self.should_stop = self.num_bad_epochs >= self.patience
+
+
+class NoEarlyStopping:
+    """No early stopping: never stops, nothing to save."""
+
+    should_stop = False
+
+    def step(self, value: float) -> bool:
+        return False
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: Any) -> None:
+        """Nothing to restore."""
+
+
+@dataclass
+class RunParts:
+    """Everything one run is made of (see :func:`build_parts`)."""
+
+    model: torch.nn.Module            # the caller's model, on the device
+    opt_spec: dict[str, Any]          # the optimizer as built (checked on resume)
+    val_loader: Iterable[Any] | None  # sharded under DDP
+    loader: ResumableLoader           # the training loader, resumable mid-epoch
+    n_batches: int | None             # the training loader's length (None: it has none)
+    steps: Parts                      # what one epoch needs (the loop's view)
+    scheduler: LearningRateScheduler | NoSchedule
+    early: RunEarlyStopping | NoEarlyStopping
+    monitor: DivergenceMonitor
+    first_check: FirstBatchCheck
+    progress: RunProgress
+    position: EpochPosition
+    table: dict[str, Stateful]        # the checkpoint's parts (main rank)
+    rank: RankState                   # this rank's entry of the checkpoint's ranks
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.steps.optimizer
+
+    @property
+    def clipper(self) -> GradientClipper:
+        return self.steps.clipper
+
+    def lr(self) -> Any:
+        """The first param group's current learning rate (as the optimizer holds it)."""
+        return self.steps.optimizer.param_groups[0]["lr"]
+
+
+def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
+                val_loader: Iterable[Any] | None, criterion: Callable[..., torch.Tensor],
+                cfg: TrainConfig, device: torch.device, ctx: distributed.DistContext) -> RunParts:
+    """Build the run's parts from ``cfg`` (the model moves to ``device``; loaders are sharded
+    under DDP)."""
+    model.to(device)
+    train_loader = ctx.shard(train_loader, cfg.seed or 0, train=True)
+    if val_loader is not None:
+        val_loader = ctx.shard(val_loader, cfg.seed or 0, train=False)
+    optimizer = build_optimizer(cfg, model)
+    opt_spec = optimizer_spec(optimizer)  # before a scheduler adds to the param groups
+    amp_dtype = cfg.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        precision = MixedPrecisionTrainer(enabled=cfg.use_mixed_precision,
+                                          device=device.type, dtype=amp_dtype)
+    clipper = GradientClipper(cfg.gradient_clip if cfg.gradient_clip is not None else math.inf)
+    guard = StepGuard(optimizer, enabled=cfg.recovery,
+                      spike_factor=cfg.spike_factor if cfg.recovery else None,
+                      spike_window=cfg.spike_window,
+                      reduce_max=ctx.max_ if ctx.enabled else None)
+    n_batches = loader_length(train_loader)  # None: no length (an IterableDataset, say)
+    scheduler = _build_scheduler(cfg, optimizer, n_batches)
+    first_check = FirstBatchCheck(cfg, criterion, model, device)  # on this rank's first batch
+    augment, augmenter = build_augment(cfg, cfg.seed)
+    early = (RunEarlyStopping(cfg.early_stop_patience, cfg.min_delta)
+             if cfg.early_stop_patience is not None else NoEarlyStopping())
+    if val_loader is None and (cfg.early_stop_patience is not None or scheduler.is_plateau):
+        log.warning("no val_loader: early stopping / plateau scheduling follow the training loss")
+    net = ctx.wrap(model, device)
+    snapshot: dict[str, Stateful] = {   # what a rollback restores
+        ck.MODEL_KEY: model,
+        ck.OPTIMIZER_KEY: optimizer,
+        ck.SCHEDULER_KEY: scheduler,
+        ck.PRECISION_KEY: precision,
+        ck.CLIPPER_KEY: KeepSettings(clipper, "max_norm", "norm_type"),  # the run's threshold
+    }
+    recovery = Recovery(snapshot, model, optimizer, scheduler, guard, enabled=cfg.recovery,
+                        rollback_after=cfg.rollback_after, lr_factor=cfg.rollback_lr_factor,
+                        max_rollbacks=cfg.max_rollbacks, divergence_factor=cfg.divergence_factor)
+    monitor = DivergenceMonitor(guard, recovery, cfg.recovery_check_every)
+    steps = Parts(model=net, criterion=criterion, optimizer=optimizer, precision=precision,
+                  clipper=clipper, monitor=monitor, scheduler=scheduler,
+                  augment=augment or identity, device=device,
+                  accumulation_steps=cfg.accumulation_steps, metrics=resolve_metrics(cfg.metrics),
+                  module=model if net is not model else None)
+    loader = make_resumable(train_loader, (val_loader,))
+    progress = RunProgress()
+    position = EpochPosition(loader, progress)
+    table: dict[str, Stateful] = {  # the checkpoint: one line per stateful part
+        **snapshot,
+        ck.EARLY_STOPPING_KEY: early,
+        ck.AUGMENTATION_KEY: augmenter or NoState(),
+        PROGRESS: progress,
+        ck.EPOCH_ORDER_KEY: position,
+        ck.CONFIG_KEY: Fixed(cfg.to_plain()),
+        ck.OPTIMIZER_SPEC_KEY: Fixed(opt_spec),
+        ck.RECOVERY_KEY: monitor,  # last: a snapshot saved without weights takes the loaded ones
+    }
+    return RunParts(model=model, opt_spec=opt_spec, val_loader=val_loader, loader=loader, n_batches=n_batches,
+                    steps=steps, scheduler=scheduler, early=early, monitor=monitor,
+                    first_check=first_check, progress=progress, position=position, table=table,
+                    rank=RankState(guard, position, device))
+
+
+def _build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, n_batches: int | None
+                     ) -> LearningRateScheduler | NoSchedule:
+    if not cfg.use_scheduler:
+        return NoSchedule(optimizer)
+    steps_per_epoch = max(1, math.ceil(n_batches / cfg.accumulation_steps)) if n_batches else None
+    if cfg.scheduler_type == "onecycle" and steps_per_epoch is None:
+        raise ValueError("scheduler_type='onecycle' needs a train_loader with a length")
+    return LearningRateScheduler(optimizer, cfg.scheduler_type,
+                                 **cfg.scheduler_options(steps_per_epoch or 1))
