@@ -9,15 +9,14 @@ import torch
 
 from _helpers import make_data, make_model
 from advanced_training_utils import (
-    GradientClipper,
     LearningRateScheduler,
-    MixedPrecisionTrainer,
     load_checkpoint,
     train_model_advanced,
 )
+from advanced_training_utils.checkpoint import MODEL_KEY, OPTIMIZER_KEY, SCHEDULER_KEY
 from advanced_training_utils.engine.health.guard import StepGuard
 from advanced_training_utils.engine.health.recovery import Recovery, TrainingDivergedError
-from advanced_training_utils.engine.loop import Parts
+from advanced_training_utils.engine.parts import NoSchedule
 
 CE = torch.nn.CrossEntropyLoss()
 F = (12,)
@@ -255,17 +254,25 @@ def test_mid_epoch_checkpoint_stores_the_snapshot_weights(tmp_path):
 
 
 # ------------------------------------------------------------------ Recovery on its own
-def _parts(scheduler_type=None):
-    """A tiny model with SGD + momentum (its buffers change in place at every step)."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sched = (LearningRateScheduler(opt, scheduler_type, T_max=10, step_size=1)
-             if scheduler_type else None)
-    return Parts(model=model, criterion=torch.nn.MSELoss(), optimizer=opt,
-                 precision=MixedPrecisionTrainer(enabled=False, device="cpu"),
-                 clipper=GradientClipper(math.inf), guard=StepGuard(opt), scheduler=sched,
-                 augment=None, device=torch.device("cpu")), sched
+class _Steps:
+    """What the checks below need of a run: a tiny model with SGD + momentum (its buffers
+    change in place at every step) and an optional scheduler."""
+
+    def __init__(self, scheduler_type=None):
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(4, 2)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
+        self.scheduler = (LearningRateScheduler(self.optimizer, scheduler_type, T_max=10,
+                                                step_size=1) if scheduler_type
+                          else NoSchedule(self.optimizer))
+        self.guard = StepGuard(self.optimizer)
+
+    def recovery(self, rollback_after=5, lr_factor=0.5, max_rollbacks=3):
+        table = {MODEL_KEY: self.model, OPTIMIZER_KEY: self.optimizer,
+                 SCHEDULER_KEY: self.scheduler}
+        return Recovery(table, self.model, self.optimizer, self.scheduler, self.guard,
+                        rollback_after=rollback_after, lr_factor=lr_factor,
+                        max_rollbacks=max_rollbacks, divergence_factor=3.0)
 
 
 def _steps(parts, n):
@@ -273,8 +280,7 @@ def _steps(parts, n):
         parts.optimizer.zero_grad()
         parts.model(torch.randn(8, 4)).pow(2).mean().backward()
         parts.optimizer.step()
-        if parts.scheduler is not None:
-            parts.scheduler.step()
+        parts.scheduler.step()
 
 
 GOOD, BAD = [1.0, 1.0, 0.0, 0.0], [math.nan, math.nan, 1.0, 0.0]
@@ -291,8 +297,7 @@ def _check(recovery, good, bad):
 def test_rollback_after_counts_the_bad_run_inclusively(rollback_after):
     """``rollback_after`` consecutive bad steps, half the interval, roll back; one fewer does
     not."""
-    parts, _ = _parts()
-    rec = Recovery(parts, None, rollback_after=rollback_after)
+    rec = _Steps().recovery(rollback_after=rollback_after)
     rec.snapshot()
     assert _check(rec, rollback_after - 1, rollback_after - 1) is None
     assert rec.rollbacks == 0
@@ -305,8 +310,8 @@ def test_every_rollback_restores_the_same_snapshot_and_compounds_the_lr_factor(s
     """Two rollbacks to one snapshot (no clean check in between): each restores the model and
     optimizer state of the snapshot exactly, although the steps in between changed the
     optimizer's buffers in place, and the LR is the snapshot's times lr_factor ** rollbacks."""
-    parts, sched = _parts(scheduler_type)
-    rec = Recovery(parts, sched, lr_factor=0.5, max_rollbacks=3)
+    parts = _Steps(scheduler_type)
+    rec = parts.recovery(lr_factor=0.5, max_rollbacks=3)
     _steps(parts, 2)
     rec.snapshot()
     lr0 = parts.optimizer.param_groups[0]["lr"]
