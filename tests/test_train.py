@@ -414,3 +414,38 @@ def test_rejects_bad_objects():
     with pytest.raises(ValueError, match="optimizer holds 4 parameter\\(s\\) that are not the model's"):
         train_model_advanced(make_model(1), tl, vl, CE, verbose=False,
                              optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
+
+
+# ---------------------------------------------------------------- found by a new user's code
+def test_without_recovery_a_nan_step_is_applied_and_not_reported_as_skipped():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    loader = [(x, y)]
+    model = torch.nn.Linear(4, 2)
+    nan_loss = lambda o, t: torch.nn.functional.cross_entropy(o, t) * math.nan  # noqa: E731
+    r = train_model_advanced(model, loader, None, nan_loss, epochs=1, recovery=False,
+                             optimizer=lambda p: torch.optim.SGD(p, lr=0.1), device="cpu",
+                             verbose=False, restore_best_weights=False, check_stability=False)
+    assert not torch.isfinite(model.weight).all()  # applied: recovery=False guards nothing
+    assert r["skipped_steps"] == 0 and r["history"][0]["skipped_steps"] == 0
+
+
+def test_a_one_shot_val_loader_is_refused_up_front():
+    tl, vl = make_loaders(n=32, batch_size=16)
+    with pytest.raises(TypeError, match="val_loader must be re-iterable once per epoch"):
+        train_model_advanced(make_model(), tl, (b for b in vl), torch.nn.CrossEntropyLoss(),
+                             epochs=2, device="cpu", verbose=False)
+
+
+def test_a_model_name_too_long_for_a_file_name_is_refused_by_name():
+    with pytest.raises(ValueError, match="model_name is 230 bytes long; at most 200"):
+        train_model_advanced(make_model(), *make_loaders(n=32), torch.nn.CrossEntropyLoss(),
+                             model_name="m" * 230, device="cpu", verbose=False)
+
+
+def test_resume_with_nothing_to_resume_warns(tmp_path, caplog):
+    tl, vl = make_loaders(n=32, batch_size=16)
+    train_model_advanced(make_model(), tl, vl, torch.nn.CrossEntropyLoss(), epochs=1,
+                         device="cpu", verbose=False, checkpoint_dir=tmp_path, resume=True)
+    assert any(r.levelname == "WARNING" and "no checkpoint for 'model'" in r.message
+               for r in caplog.records)

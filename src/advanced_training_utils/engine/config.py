@@ -55,6 +55,9 @@ __all__ = ["TrainConfig", "AUGMENT_MODALITIES", "AMP_DTYPES", "RESUME_RULES", "R
 AUGMENT_MODALITIES: tuple[str, ...] = get_args(AugmentModality)
 AMP_DTYPES: tuple[str, ...] = get_args(AmpDtype)
 
+#: The longest ``model_name`` in bytes (UTF-8): file names are limited to 255 bytes, and the run's
+#: files add up to 55 to it (``.{name}_metrics.jsonl.<id>.tmp``, ``{name}_metrics.<time>.jsonl``).
+MAX_MODEL_NAME_BYTES = 200
 APPLIES = "applies"          # may change on resume: the new value takes effect (a warning says so)
 FIXED = "fixed"              # may not change on resume: ValueError naming old and new values
 NOT_COMPARED = "not compared"
@@ -233,6 +236,10 @@ class TrainConfig:
             raise TypeError(f"checkpoint_dir must be a path or None, got {self.checkpoint_dir!r}")
         if not isinstance(self.model_name, str) or not self.model_name or "/" in self.model_name:
             raise ValueError(f"model_name must be a non-empty file-name string, got {self.model_name!r}")
+        if len(self.model_name.encode()) > MAX_MODEL_NAME_BYTES:
+            raise ValueError(f"model_name is {len(self.model_name.encode())} bytes long; at most "
+                             f"{MAX_MODEL_NAME_BYTES} are allowed (the run's files add up to 55 "
+                             "bytes to it, and a file name may have 255)")
         if self.optimizer is not None and not callable(self.optimizer) and not hasattr(
             self.optimizer, "step"
         ):

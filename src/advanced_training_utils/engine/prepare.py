@@ -265,11 +265,14 @@ def check_inputs(model: Any, train_loader: Any, val_loader: Any, criterion: Any)
             continue
         if not hasattr(loader, "__iter__"):
             raise TypeError(f"{name} must be an iterable of batches, got {type(loader).__name__}")
-    with rng_untouched(train_loader):
-        one_shot = iter(train_loader) is train_loader
-    if one_shot:
-        raise TypeError("train_loader must be re-iterable once per epoch (a DataLoader, a list of "
-                        "batches...), got a one-shot iterator/generator")
+    for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
+        if loader is None:
+            continue
+        with rng_untouched(loader):
+            one_shot = iter(loader) is loader
+        if one_shot:  # it would be empty from the second epoch on
+            raise TypeError(f"{name} must be re-iterable once per epoch (a DataLoader, a list of "
+                            "batches...), got a one-shot iterator/generator")
     if loader_length(train_loader) == 0:
         raise ValueError("train_loader is empty (len 0): nothing to train on")
     if val_loader is not None and loader_length(val_loader) == 0:

@@ -217,7 +217,7 @@ class _Run:
             found = ck.find_resumable(files.last, cfg.keep_last, map_location=device,
                                       best=files.best)
             if found is None:
-                log.info("resume=True: no checkpoint for %r in %s; starting fresh",
+                log.warning("resume=True: no checkpoint for %r in %s; starting fresh",
                          cfg.model_name, files.dir)
             return found
         if cfg.resume:

@@ -104,7 +104,10 @@ class StepGuard:
             bad = self.reduce_max(bad.float()) > 0
         self._count += 1
         self._recent.append((loss, bad))
-        self._steps.append((loss, norm, bad, spike))
+        # The log's "bad" column counts skipped steps: a disabled guard skips none, although
+        # it applies steps with a NaN loss (so the history never calls a NaN update skipped).
+        skipped = bad if self.enabled else torch.zeros_like(bad)
+        self._steps.append((loss, norm, skipped, spike))
         return bad
 
     def _refresh_threshold(self, device: torch.device) -> None:
