@@ -122,6 +122,18 @@ Example:
   advtrain train --preset fast --out runs/fast   # then train with one of them"""
 
 
+#: ``advtrain train``'s CSV options (all default to None) and their help.
+_CSV_FLAGS = (
+    ("--target", "CSV label column; several numeric ones (valence,arousal) give regression "
+                 "(default: none; required with a CSV)"),
+    ("--split-column", "CSV column of train/val/test (any subset); val is carved from train by "
+                       "group when missing (default: none: a grouped 80/10/10 split)"),
+    ("--group-column", "CSV column kept within one split, e.g. speaker (default: none: each "
+                       "file alone)"),
+    ("--path-column", "CSV column of the audio paths (default: path)"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``advtrain`` parser: ``--version``, and the ``train``, ``report`` and ``presets``
     commands, each with its defaults and an example in ``--help``."""
@@ -144,17 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", type=Path, default=None,
                    help="a labels .csv (paths relative to its folder) or a folder with one "
                    "subfolder per class (default: none: --task)")
-    d.add_argument("--target", default=None,
-                   help="CSV label column; several numeric ones (valence,arousal) give regression "
-                   "(default: none; required with a CSV)")
-    d.add_argument("--split-column", default=None,
-                   help="CSV column of train/val/test (any subset); val is carved from train by "
-                   "group when missing (default: none: a grouped 80/10/10 split)")
-    d.add_argument("--group-column", default=None,
-                   help="CSV column kept within one split, e.g. speaker (default: none: each "
-                   "file alone)")
-    d.add_argument("--path-column", default=None,
-                   help="CSV column of the audio paths (default: path)")
+    for flag, text in _CSV_FLAGS:
+        d.add_argument(flag, default=None, help=text)
     t.add_argument("--preset", default="stable",
                    help="one of: " + ", ".join([*PRESETS, *PRESET_ALIASES])
                    + " (see advtrain presets)")
