@@ -112,10 +112,14 @@ def test_remove_stale_temps_removes_only_ours(folder, outside):
     assert outside.read_bytes() == b"precious"
 
 
-def test_new_files_are_regular_and_private(folder):
-    safeio.atomic_write(folder / "a.pt", lambda f: f.write(b"x"))
+def test_new_files_are_regular_and_follow_the_umask(folder):
+    old = os.umask(0o027)
+    try:
+        safeio.atomic_write(folder / "a.pt", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
     mode = os.lstat(folder / "a.pt").st_mode
-    assert stat.S_ISREG(mode) and stat.S_IMODE(mode) == 0o600
+    assert stat.S_ISREG(mode) and stat.S_IMODE(mode) == 0o640
 
 
 _WRITERS = {
@@ -166,3 +170,15 @@ def test_append_is_synced_and_a_failed_sync_leaves_no_partial_line(tmp_path, mon
     with pytest.raises(OSError):
         safeio.append_bytes(f, b"two\n")
     assert f.read_bytes() == b"one\n"
+
+
+@pytest.mark.parametrize("umask,want", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_checkpoints_follow_the_users_umask(tmp_path, umask, want):
+    old = os.umask(umask)
+    try:
+        path = save_checkpoint(tmp_path / "c.pt", {"model": {"w": torch.zeros(2)}})
+        safeio.append_bytes(tmp_path / "log.jsonl", b"x\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == want
+    assert stat.S_IMODE(os.stat(tmp_path / "log.jsonl").st_mode) == want

@@ -107,8 +107,10 @@ class _FdWriter(io.RawIOBase):
         return memoryview(b).nbytes
 
 
-def open_temp(final: Path, mode: int = 0o600) -> tuple[int, Path]:
-    """Create a new empty temporary file for ``final`` (``O_EXCL | O_NOFOLLOW``).
+def open_temp(final: Path, mode: int = 0o666) -> tuple[int, Path]:
+    """Create a new empty temporary file for ``final`` (``O_EXCL | O_NOFOLLOW``), with
+    ``mode`` less the process' umask (by default what the user's umask allows, as ``open``
+    does: a team sharing a folder can read the checkpoints).
 
     Returns:
         ``(fd, path)``; the caller closes the fd and removes or renames the file.
@@ -130,7 +132,7 @@ def discard(tmp: Path) -> None:
         pass
 
 
-def write_temp(final: Path, fill: Callable[[BinaryIO], object], mode: int = 0o600) -> Path:
+def write_temp(final: Path, fill: Callable[[BinaryIO], object], mode: int = 0o666) -> Path:
     """Write what ``fill(file)`` writes to a new temporary file for ``final`` and fsync it.
 
     Returns:
@@ -158,7 +160,7 @@ def write_temp(final: Path, fill: Callable[[BinaryIO], object], mode: int = 0o60
     return tmp
 
 
-def atomic_write(final: Path, fill: Callable[[BinaryIO], object], mode: int = 0o600) -> Path:
+def atomic_write(final: Path, fill: Callable[[BinaryIO], object], mode: int = 0o666) -> Path:
     """Make ``final`` hold what ``fill(file)`` writes, atomically: :func:`write_temp`, then
     ``os.replace`` over ``final`` (a symlink there is replaced, not followed). On any error
     ``final`` is left as it was and no temporary file remains.
