@@ -22,6 +22,12 @@ Conventions (each tested against scikit-learn, torchmetrics or a two-pass numpy 
 * Soft targets ``[B, C]`` (mixup, label smoothing) count as their argmax class (ties go to the
   lowest index, as :func:`torch.argmax`).
 * Integer targets outside ``[0, C)`` (e.g. ``ignore_index=-100``) match no class: not counted.
+* Shapes the classification built-ins do not define are refused with a ``ValueError``: one value
+  per example (``[B]``/``[B, 1]``, a single binary logit: output 2 logits or use a binary
+  metric); a tuple or dict output is a ``TypeError``. Multi-label 0/1 targets ``[B, L]`` cannot
+  be told from soft targets without reading values, which ``update`` never does:
+  :meth:`EpochMetrics.check` (one host read; ``train_model_advanced`` runs it on the first
+  training batch) refuses rows that are not a class distribution.
 * A class absent from the targets has an undefined recall: ``recall_<k>`` is NaN and ``uar``
   averages over the classes present, as ``balanced_accuracy_score`` and
   ``recall_score(average="macro", labels=range(C), zero_division=np.nan)``. ``macro_f1``
