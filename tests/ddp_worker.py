@@ -176,9 +176,37 @@ def cases(out, rank):
     torch.save(m.state_dict(), out / f"spike_rank{rank}.pt")
     res["spike"] = {"skipped": h["skipped_steps"],
                     "per_epoch": [e["skipped_steps"] for e in h["history"]]}
+    res.update(metric_cases(out, rank, train))
     (out / f"cases_rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
     return 0
+
+
+CLS_METRICS = ["uar", "macro_f1", "accuracy", "per_class_recall"]
+
+
+def regression_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 12, generator=g)
+    return torch.utils.data.TensorDataset(x, torch.tanh(x[:, :2]) + 0.3 * torch.randn(n, 2, generator=g))
+
+
+def metric_cases(out, rank, train):
+    """Epoch metrics on uneven validation shards (13 items in batches of 3): classification
+    (UAR, macro-F1...) and regression (CCC, MAE); the final weights are saved."""
+    res = {}
+    m = model()
+    h = train_model_advanced(m, train, DataLoader(data(13, 1), batch_size=3),
+                             torch.nn.CrossEntropyLoss(), metrics=CLS_METRICS, **CASE_OPTS)
+    torch.save(m.state_dict(), out / f"uar_rank{rank}.pt")
+    res["uar"] = h["history"][-1]
+    m = model()
+    h = train_model_advanced(m, DataLoader(regression_data(128, 0), batch_size=8, shuffle=True),
+                             DataLoader(regression_data(13, 1), batch_size=3),
+                             torch.nn.MSELoss(), metrics=["ccc", "mae"], **CASE_OPTS)
+    torch.save(m.state_dict(), out / f"ccc_rank{rank}.pt")
+    res["ccc"] = h["history"][-1]
+    return res
 
 
 def main() -> int:

@@ -241,7 +241,11 @@ BAD = [
     (["--set", "recovery=2"], {}, "recovery must be a bool, got 2"),
     # metric names
     (["--set", "metrics=f1"], {}, "metrics: unknown metric 'f1'; built-in metrics: accuracy"),
-    (["--set", "metrics=[accuracy, 3]"], {}, "metrics: each item must be a metric name or a callable, got 3"),
+    (["--set", "metrics=[accuracy, 3]"], {}, "metrics: each item must be a built-in name "
+     "(accuracy, uar, macro_f1, per_class_recall, ccc, mae), a torchmetrics.Metric or a callable, "
+     "got 3 of type int"),
+    (["--set", "monitor=val_uar"], {}, "monitor must be a key the run logs, one of val_loss, "
+     "train_loss, val_accuracy; got 'val_uar'"),
     # device strings
     (["--device", "meta"], {}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'meta'"),
     (["--device", "xla"], {}, "got 'xla' (torch_xla is not installed)"),

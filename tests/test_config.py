@@ -24,8 +24,9 @@ from advanced_training_utils.engine.config import TrainConfig
     # metrics
     (dict(metrics="acc"), ValueError, "metrics: unknown metric 'acc'; built-in metrics: accuracy"),
     (dict(metrics=["accuracy", "f1"]), ValueError, "metrics: unknown metric 'f1'"),
-    (dict(metrics=5), TypeError, "metrics must be None, a metric name, a list of names"),
-    (dict(metrics={"m": 3}), TypeError, "metrics: 'm' must be callable, got int"),
+    (dict(metrics=5), TypeError, "metrics must be None, a name, a callable, a torchmetrics"),
+    (dict(metrics={"m": 3}), TypeError, "metrics: 'm' must be a built-in name (accuracy, "
+     "uar, macro_f1, per_class_recall, ccc, mae), a torchmetrics.Metric or a callable, got int"),
     # augmentation options: checked against the augmentation they go to
     (dict(augment_options=[1]), TypeError, "augment_options must be a dict, got [1]"),
     (dict(augment="audio", augment_options={"noise_level": -1}), ValueError,

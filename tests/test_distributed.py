@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -236,6 +237,45 @@ def test_validation_items_are_counted_once_on_an_odd_validation_set(cases_run):
     for r in (0, 1):
         assert ranks[r]["torch_rng"]["val"][-1] == pytest.approx(val, abs=1e-6, rel=0)
         assert ranks[r]["torch_rng"]["out0"][-1] == pytest.approx(out0, abs=1e-6, rel=0)
+
+
+def _ccc(p, t):
+    """Lin's CCC per column with population moments (numpy float64)."""
+    mp, mt = p.mean(0), t.mean(0)
+    cov = ((p - mp) * (t - mt)).mean(0)
+    return 2 * cov / (p.var(0) + t.var(0) + (mp - mt) ** 2)
+
+
+def test_epoch_metrics_under_two_processes_equal_one_process_on_the_whole_set(cases_run):
+    """UAR, macro-F1, recall, CCC, MAE from statistics summed over the ranks' uneven validation
+    shards (7 + 6 items, no padding) equal the metrics of the whole set in one process."""
+    sk = pytest.importorskip("sklearn.metrics")
+    out, ranks = cases_run
+    m = ddp_worker.model()
+    m.load_state_dict(_weights(out / "uar_rank0.pt"))
+    x, y = ddp_worker.data(13, 1).tensors
+    with torch.no_grad():
+        pred = m(x).argmax(1).numpy()
+    y = y.numpy()
+    whole = {"val_uar": sk.balanced_accuracy_score(y, pred),
+             "val_macro_f1": sk.f1_score(y, pred, average="macro"),
+             "val_accuracy": sk.accuracy_score(y, pred),
+             **{f"val_recall_{k}": r for k, r in enumerate(sk.recall_score(y, pred, average=None))}}
+    shard = sk.balanced_accuracy_score(y[0::2], pred[0::2])  # what rank 0 alone would report
+    assert abs(shard - whole["val_uar"]) > 1e-3
+    m.load_state_dict(_weights(out / "ccc_rank0.pt"))
+    x, t = ddp_worker.regression_data(13, 1).tensors
+    with torch.no_grad():
+        p = m(x).double().numpy()
+    t = t.double().numpy()
+    ccc = _ccc(p, t)
+    mae = np.abs(p - t).mean(0)
+    reg = {"val_ccc": ccc.mean(), "val_mae": mae.mean(), "val_ccc_0": ccc[0], "val_ccc_1": ccc[1],
+           "val_mae_0": mae[0], "val_mae_1": mae[1]}
+    assert abs(_ccc(p[0::2], t[0::2]).mean() - reg["val_ccc"]) > 1e-3
+    for r in (0, 1):
+        assert {k: ranks[r]["uar"][k] for k in whole} == pytest.approx(whole, abs=1e-12, rel=0)
+        assert {k: ranks[r]["ccc"][k] for k in reg} == pytest.approx(reg, abs=1e-6, rel=0)
 
 
 def test_uneven_validation_shards_with_batchnorm_finish_on_rank_0s_buffers(cases_run):

@@ -464,7 +464,7 @@ def _tm():
     ("uar", dict(class_names=["a", "a"]), ValueError, r"unique non-empty strings"),
     ("ccc", dict(target_names="valence"), TypeError, r"target_names must be a sequence of str"),
     ({"x": "uar"}, {}, TypeError, r"metrics\['x'\] is the str 'uar'"),
-    ([42], {}, TypeError, r"must be a built-in name .* got int"),
+    ([42], {}, TypeError, r"each item must be a built-in name .* got 42 of type int"),
     (3.5, {}, TypeError, r"metrics must be None, a name, .* got float"),
     ([_tm(), _tm()], {}, ValueError, r"two metrics report the key 'MulticlassAccuracy'"),
 ])
@@ -477,7 +477,14 @@ def test_resolve_errors(spec, kwargs, exc, match):
     (ClassificationStats, torch.zeros(4, 3, 2), torch.zeros(4, dtype=torch.long), None,
      ValueError, r"outputs must be logits of shape \[B, C\], got shape \(4, 3, 2\)"),
     (ClassificationStats, torch.zeros(4, 1), torch.zeros(4, dtype=torch.long), None,
-     ValueError, r"outputs of shape \(4, 1\) must have at least 2 columns, got 1"),
+     ValueError, r"outputs of shape \(4, 1\) hold one value per example .* need logits of "
+                 r"shape \[B, C\], one column per class, C >= 2"),
+    (ClassificationStats, torch.zeros(4), torch.zeros(4, dtype=torch.long), None,
+     ValueError, r"outputs of shape \(4,\) hold one value per example"),
+    (ClassificationStats, (torch.zeros(4, 3), torch.zeros(4, 8)), torch.zeros(4, dtype=torch.long),
+     None, TypeError, r"outputs must be a torch.Tensor, got tuple: the built-in metrics "
+                      r"\['accuracy', .* \(a model returning several outputs, such as "
+                      r"\(logits, embedding\)\?\)"),
     (lambda: ClassificationStats(4), torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), None,
      ValueError, r"outputs of shape \(4, 3\) has 3 columns but this metric has num_classes=4"),
     (ClassificationStats, torch.zeros(4, 3), torch.zeros(5, dtype=torch.long), None,

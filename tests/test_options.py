@@ -14,19 +14,25 @@ import torch
 
 from advanced_training_utils import get_preset, train_model_advanced
 from advanced_training_utils.engine import config as config_module
-from advanced_training_utils.engine.config import AMP_DTYPES, AUGMENT_MODALITIES, TrainConfig
-from advanced_training_utils.engine.loop import _BUILTIN_METRICS
+from advanced_training_utils.engine.config import (
+    AMP_DTYPES,
+    AUGMENT_MODALITIES,
+    MODES,
+    TrainConfig,
+)
 from advanced_training_utils.engine.options import (
     AmpDtype,
     AugmentModality,
     DeviceName,
     MetricName,
+    Mode,
     SchedulerType,
     TrainOptions,
     Unpack,
 )
 from advanced_training_utils.engine.prepare import check_device
 from advanced_training_utils.engine.resume import check_options
+from advanced_training_utils.metrics import BUILTIN_METRICS
 from advanced_training_utils.scheduler import SCHEDULER_TYPES
 
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -55,13 +61,14 @@ def test_train_model_advanced_options_are_typed_by_the_typed_dict():
     (SchedulerType, SCHEDULER_TYPES),
     (AmpDtype, AMP_DTYPES),
     (AugmentModality, AUGMENT_MODALITIES),
-    (MetricName, tuple(_BUILTIN_METRICS)),
+    (MetricName, BUILTIN_METRICS),
+    (Mode, MODES),
 ])
 def test_literal_choices_are_the_ones_the_checks_allow(literal, allowed):
     assert get_args(literal) == tuple(allowed)
 
 
-@pytest.mark.parametrize("name", ["scheduler_type", "amp_dtype", "augment"])
+@pytest.mark.parametrize("name", ["scheduler_type", "amp_dtype", "augment", "mode"])
 def test_a_value_outside_the_literal_is_refused_naming_the_allowed_ones(name):
     with pytest.raises(ValueError, match=rf"{name}.*'nope'"):
         TrainConfig.from_options(**{name: "nope"})

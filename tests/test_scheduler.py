@@ -293,6 +293,29 @@ def test_rejects_bad_arguments(kwargs, exc, match):
         LearningRateScheduler(_opt(), **kwargs)
 
 
+@pytest.mark.parametrize("w", [0, 3])
+def test_plateau_mode_max_equals_torchs_reduce_lr_on_plateau(w):
+    """mode='max' (a monitored UAR, say): a rising value is an improvement; the same LRs as
+    torch's own ReduceLROnPlateau(mode='max') after the warmup."""
+    values = [0.3, 0.5, 0.5, 0.49, 0.6, 0.6, 0.6, 0.61, 0.2, 0.2, 0.2, 0.7]
+    ours_opt, ref_opt = _opt(), _opt()
+    ours = LearningRateScheduler(ours_opt, "plateau", mode="max", patience=1, factor=0.5,
+                                 warmup_steps=w)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt, mode="max", patience=1,
+                                                     factor=0.5, threshold=1e-4)
+    got, want = [], []
+    for k, v in enumerate(values, start=1):
+        ours.step(v)
+        got.append(ours_opt.param_groups[0]["lr"])
+        if k > w:  # warmup ignores the metric
+            ref.step(v)
+            want.append(ref_opt.param_groups[0]["lr"])
+    assert got[w:] == pytest.approx(want, rel=1e-12)
+    assert len(set(want)) > 2  # it reduced at least twice
+    with pytest.raises(ValueError, match="mode must be one of 'min', 'max'; got 'maximum'"):
+        LearningRateScheduler(_opt(), "plateau", mode="maximum")
+
+
 def test_rejects_non_optimizer():
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         LearningRateScheduler([1, 2], "cosine")

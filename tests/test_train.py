@@ -314,13 +314,14 @@ def test_stability_check_runs_on_an_epoch_with_a_skipped_step(kind):
 _CONVERSIONS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
 
 
-def _count_package_conversions(monkeypatch, run, only_in_steps=True):
+def _count_package_conversions(monkeypatch, run, only_in_steps=True, phase="train_epoch"):
     """Count tensor-to-host conversions whose caller is our package; with ``only_in_steps``,
-    only while ``train_epoch`` runs (the training steps; epoch-end reads are outside it)."""
+    only while ``phase`` runs (``train_epoch``: the training steps, ``evaluate``: the validation
+    batches; epoch-end reads are outside both)."""
     import advanced_training_utils.engine.run as train_mod
 
     counts = {"n": 0, "inside": not only_in_steps, "epochs": 0}
-    real_epoch = train_mod.train_epoch
+    real_epoch = getattr(train_mod, phase)
 
     def wrapped(*a, **k):
         counts["inside"], counts["epochs"] = True, counts["epochs"] + 1
@@ -329,7 +330,7 @@ def _count_package_conversions(monkeypatch, run, only_in_steps=True):
         finally:
             counts["inside"] = not only_in_steps
 
-    monkeypatch.setattr(train_mod, "train_epoch", wrapped)
+    monkeypatch.setattr(train_mod, phase, wrapped)
     for name in _CONVERSIONS:
         orig = getattr(torch.Tensor, name)
 
@@ -367,6 +368,34 @@ def test_no_host_conversions_in_training_steps(monkeypatch, tmp_path, extra):
     in_steps, epochs = _count_package_conversions(monkeypatch, run)
     assert epochs == 2 and in_steps == 0
     everywhere, _ = _count_package_conversions(monkeypatch, run, only_in_steps=False)
+    assert everywhere > 0
+
+
+@pytest.mark.parametrize("metrics", [["uar", "macro_f1", "accuracy", "per_class_recall"],
+                                     ["ccc", "mae"]])
+def test_evaluate_makes_no_host_read_per_batch_with_builtin_metrics(monkeypatch, metrics):
+    """The metrics' statistics stay on the device during validation; they are read with the
+    epoch's other numbers (the spy sees that read: it can fail)."""
+    if metrics == ["ccc", "mae"]:
+        data = make_data(96)
+        x = data.tensors[0]
+        reg = torch.utils.data.TensorDataset(x, x.flatten(1)[:, :3])
+        tl = torch.utils.data.DataLoader(reg, batch_size=16)
+        vl = torch.utils.data.DataLoader(reg, batch_size=10)
+        crit = torch.nn.MSELoss()
+    else:
+        tl, vl = make_loaders(n=96, batch_size=10)
+        crit = CE
+
+    def run():
+        res = train_model_advanced(make_model(1), tl, vl, crit, epochs=2, metrics=metrics,
+                                   **QUIET)
+        assert f"val_{metrics[0]}" in res["history"][-1]
+
+    in_eval, epochs = _count_package_conversions(monkeypatch, run, phase="evaluate")
+    assert epochs == 2 and in_eval == 0
+    everywhere, _ = _count_package_conversions(monkeypatch, run, only_in_steps=False,
+                                               phase="evaluate")
     assert everywhere > 0
 
 

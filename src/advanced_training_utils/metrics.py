@@ -22,6 +22,12 @@ Conventions (each tested against scikit-learn, torchmetrics or a two-pass numpy 
 * Soft targets ``[B, C]`` (mixup, label smoothing) count as their argmax class (ties go to the
   lowest index, as :func:`torch.argmax`).
 * Integer targets outside ``[0, C)`` (e.g. ``ignore_index=-100``) match no class: not counted.
+* Shapes the classification built-ins do not define are refused with a ``ValueError``: one value
+  per example (``[B]``/``[B, 1]``, a single binary logit: output 2 logits or use a binary
+  metric); a tuple or dict output is a ``TypeError``. Multi-label 0/1 targets ``[B, L]`` cannot
+  be told from soft targets without reading values, which ``update`` never does:
+  :meth:`EpochMetrics.check` (one host read; ``train_model_advanced`` runs it on the first
+  training batch) refuses rows that are not a class distribution.
 * A class absent from the targets has an undefined recall: ``recall_<k>`` is NaN and ``uar``
   averages over the classes present, as ``balanced_accuracy_score`` and
   ``recall_score(average="macro", labels=range(C), zero_division=np.nan)``. ``macro_f1``
@@ -69,6 +75,7 @@ __all__ = [
     "EpochMetrics",
     "RegressionStats",
     "TorchmetricsAdapter",
+    "batch_rows",
     "nest_per_class",
     "resolve_metrics",
 ]
@@ -89,6 +96,21 @@ def _check_tensor(name: str, value: Any) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value
+
+
+def _outputs_tensor(value: Any, report: Sequence[str]) -> torch.Tensor:
+    """The model's outputs, which the built-ins need as one tensor (named error otherwise)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    hint = ""
+    if isinstance(value, (tuple, list, Mapping)):
+        hint = (" (a model returning several outputs, such as (logits, embedding)?): make "
+                "forward() return the logits tensor, or pass a callable metric that picks "
+                "them, e.g. metrics={'accuracy': lambda out, y: (out[0].argmax(1) == y)"
+                ".float().mean()}")
+    raise TypeError(f"outputs must be a torch.Tensor, got {type(value).__name__}: the "
+                    f"built-in metrics {list(report)} need the model's output to be one "
+                    f"tensor{hint}")
 
 
 def _weights(weight: Any, batch: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -273,6 +295,50 @@ class ClassificationStats(_SumStats):
     def _check_names(self) -> None:
         _names("class_names", self.class_names, self._size)
 
+    def _prepare(self, outputs: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check a batch's types and shapes (Python ints only) and adopt C: ``(outputs [B, C],
+        true class [B])``."""
+        out = _outputs_tensor(outputs, self.report).detach()
+        tgt = _check_tensor("targets", targets).detach()
+        shape = tuple(out.shape)
+        if out.dim() == 1 or (out.dim() == 2 and shape[1] == 1):
+            raise ValueError(
+                f"outputs of shape {shape} hold one value per example (a binary model with a "
+                f"single logit?), but the built-in classification metrics {list(self.report)} "
+                "need logits of shape [B, C], one column per class, C >= 2 (what "
+                "CrossEntropyLoss takes): output 2 logits, or pass a binary metric instead "
+                "(torchmetrics.classification.BinaryAccuracy, or a callable)")
+        if out.dim() != 2:
+            raise ValueError(f"outputs must be logits of shape [B, C], got shape {shape}")
+        self._adopt_size(shape[1], f"outputs of shape {shape}", 2)
+        return out, _true_class(tgt, out.shape)
+
+    def check(self, outputs: Any, targets: Any) -> None:
+        """Check one batch as :meth:`update` does, without adding it, and check the values of
+        soft targets ``[B, C]``: each row non-negative and summing to 1 (one-hot, label
+        smoothing, mixup). Multi-label 0/1 targets are refused: :meth:`update` reads no value,
+        so it would take their argmax as the class. Reads the targets on the host once (for a
+        first batch, not per step).
+
+        Raises:
+            TypeError / ValueError: as :meth:`update`; ValueError for rows that are not a
+                class distribution.
+        """
+        out, _ = self._prepare(outputs, targets)
+        tgt = targets.detach()
+        if tuple(tgt.shape) != tuple(out.shape):
+            return
+        sums = tgt.double().sum(dim=1)
+        bad = (tgt < 0).any(dim=1) | ((sums - 1).abs() > 1e-3)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"targets of shape [B, C] {tuple(tgt.shape)} must be class probabilities "
+                f"(non-negative rows summing to 1: one-hot, label smoothing, mixup); row {row} "
+                f"sums to {float(sums[row]):g}. Multi-label targets are not defined for the "
+                f"built-in classification metrics {list(self.report)}: pass multi-label "
+                "metrics (e.g. torchmetrics.classification.MultilabelF1Score) instead")
+
     def update(self, outputs: torch.Tensor, targets: torch.Tensor,
                weight: torch.Tensor | None = None) -> None:
         """Add one batch. No host read.
@@ -288,13 +354,7 @@ class ClassificationStats(_SumStats):
             ValueError: shapes that do not fit ``[B, C]`` / ``[B]``, or a C that differs from
                 ``num_classes``.
         """
-        out = _check_tensor("outputs", outputs).detach()
-        tgt = _check_tensor("targets", targets).detach()
-        if out.dim() != 2:
-            raise ValueError(f"outputs must be logits of shape [B, C], got shape "
-                             f"{tuple(out.shape)}")
-        self._adopt_size(out.shape[1], f"outputs of shape {tuple(out.shape)}", 2)
-        true = _true_class(tgt, out.shape)
+        out, true = self._prepare(outputs, targets)
         dtype = _stat_dtype(out.device)
         classes = torch.arange(self._size, device=out.device)
         # [B, C] one-hot; a target outside [0, C) gives a zero row (not counted)
@@ -347,8 +407,10 @@ def _true_class(targets: torch.Tensor, out_shape: torch.Size) -> torch.Tensor:
     shape = tuple(targets.shape)
     if shape == tuple(out_shape):
         if not targets.is_floating_point():
-            raise TypeError(f"targets of shape [B, C] {shape} must be float (soft targets), "
-                            f"got dtype {targets.dtype}")
+            raise TypeError(f"targets of shape [B, C] {shape} must be float class "
+                            f"probabilities (soft targets), got dtype {targets.dtype}; "
+                            "multi-label targets are not defined for the built-in "
+                            "classification metrics")
         return targets.argmax(dim=1)
     if shape != (out_shape[0],):
         raise ValueError(f"targets must have shape [B] = ({out_shape[0]},) or [B, C] = "
@@ -400,6 +462,21 @@ class RegressionStats(_SumStats):
     def _check_names(self) -> None:
         _names("target_names", self.target_names, self._size)
 
+    def _prepare(self, outputs: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Check a batch's types and shapes and adopt K: ``(outputs, targets, K)``."""
+        out = _outputs_tensor(outputs, self.report).detach()
+        tgt = _check_tensor("targets", targets).detach()
+        if tuple(out.shape) != tuple(tgt.shape) or out.dim() not in (1, 2):
+            raise ValueError(f"outputs and targets must have the same shape, [B] or [B, K], got "
+                             f"outputs {tuple(out.shape)} and targets {tuple(tgt.shape)}")
+        k = 1 if out.dim() == 1 else out.shape[1]
+        self._adopt_size(k, f"outputs of shape {tuple(out.shape)}", 1)
+        return out, tgt, k
+
+    def check(self, outputs: Any, targets: Any) -> None:
+        """Check one batch's types and shapes as :meth:`update` does, without adding it."""
+        self._prepare(outputs, targets)
+
     def update(self, outputs: torch.Tensor, targets: torch.Tensor,
                weight: torch.Tensor | None = None) -> None:
         """Add one batch. No host read.
@@ -413,13 +490,7 @@ class RegressionStats(_SumStats):
             TypeError: a non-tensor.
             ValueError: different shapes, not 1-D/2-D, or a K that differs from ``num_targets``.
         """
-        out = _check_tensor("outputs", outputs).detach()
-        tgt = _check_tensor("targets", targets).detach()
-        if tuple(out.shape) != tuple(tgt.shape) or out.dim() not in (1, 2):
-            raise ValueError(f"outputs and targets must have the same shape, [B] or [B, K], got "
-                             f"outputs {tuple(out.shape)} and targets {tuple(tgt.shape)}")
-        k = 1 if out.dim() == 1 else out.shape[1]
-        self._adopt_size(k, f"outputs of shape {tuple(out.shape)}", 1)
+        out, tgt, k = self._prepare(outputs, targets)
         dtype = _stat_dtype(out.device)
         x = out.to(dtype).reshape(out.shape[0], k)  # [B, K]
         y = tgt.to(device=out.device, dtype=dtype).reshape(out.shape[0], k)
@@ -459,14 +530,14 @@ class RegressionStats(_SumStats):
 
 
 # ---------------------------------------------------------------- user metrics
-def _rows(x: Any) -> int:
+def batch_rows(x: Any) -> int:
     """Batch size of a tensor (or the first tensor in a tuple/list/dict), as the loop counts."""
     if isinstance(x, torch.Tensor):
         return int(x.shape[0]) if x.dim() else 1
     if isinstance(x, (tuple, list)) and x:
-        return _rows(x[0])
+        return batch_rows(x[0])
     if isinstance(x, Mapping) and x:
-        return _rows(next(iter(x.values())))
+        return batch_rows(next(iter(x.values())))
     return 1
 
 
@@ -476,7 +547,7 @@ def _select(outputs: Any, targets: Any, weight: Any) -> tuple[Any, Any, torch.Te
         raise TypeError("weight needs tensor outputs and targets, got "
                         f"{type(outputs).__name__} and {type(targets).__name__}")
     like = torch.empty(0, device=outputs.device, dtype=_stat_dtype(outputs.device))
-    keep = _weights(weight, _rows(outputs), like) > 0
+    keep = _weights(weight, batch_rows(outputs), like) > 0
     return outputs[keep], targets[keep.to(targets.device)], keep.sum().to(like.dtype)
 
 
@@ -516,7 +587,7 @@ class BatchMeanMetric(_SumStats):
         out, tgt = _float(outputs), _float(targets)
         device = out.device if isinstance(out, torch.Tensor) else self._device
         if weight is None:
-            n = torch.full((), float(_rows(tgt)), device=device, dtype=_stat_dtype(device))
+            n = torch.full((), float(batch_rows(tgt)), device=device, dtype=_stat_dtype(device))
         else:
             out, tgt, n = _select(out, tgt, weight)
         value = self.fn(out, tgt)
@@ -674,6 +745,33 @@ class EpochMetrics:
         for m in self.members:
             m.update(outputs, targets, weight)
 
+    def check(self, outputs: Any, targets: Any) -> None:
+        """Check one batch against the built-ins (types, shapes, soft targets' values) without
+        adding it; the sizes (C, K) are taken from it. One host read: for a first batch (the
+        engine checks the first training batch), not per step. Callables and torchmetrics
+        objects are not checked (they may take any output)."""
+        for m in self.members:
+            if isinstance(m, (ClassificationStats, RegressionStats)):
+                m.check(outputs, targets)
+
+    def keys(self) -> list[str]:
+        """The keys :meth:`compute` will report, as far as they are known before any batch."""
+        return [k for m in self.members for k in m.keys()]
+
+    def may_report(self, key: str) -> bool:
+        """Whether :meth:`compute` reports ``key`` or may once sizes are known: per-class
+        ``recall_<class>`` before C is known, ``<name>_<i>``/``<name>_<key>`` for a torchmetrics
+        object (whose result may be a vector or a dict)."""
+        if key in self.keys():
+            return True
+        for m in self.members:
+            if isinstance(m, ClassificationStats) and "per_class_recall" in m.report and (
+                    m.num_classes is None and key.startswith("recall_")):
+                return True
+            if isinstance(m, TorchmetricsAdapter) and key.startswith(f"{m.name}_"):
+                return True
+        return False
+
     def stats(self) -> torch.Tensor:
         """All members' statistics concatenated into one flat tensor (float64; SUM-reducible).
 
@@ -755,6 +853,11 @@ def _items(metrics: Any) -> list[tuple[str | None, Any]]:
                                 "torchmetrics objects")
         return [(str(k), v) for k, v in metrics.items()]
     if isinstance(metrics, (list, tuple)):
+        for m in metrics:
+            if not isinstance(m, str) and not callable(m) and not _is_torchmetric(m):
+                raise TypeError(f"metrics: each item must be a built-in name "
+                                f"({', '.join(BUILTIN_METRICS)}), a torchmetrics.Metric or a "
+                                f"callable, got {m!r} of type {type(m).__name__}")
         return [(None, m) for m in metrics]
     raise TypeError(f"metrics must be None, a name, a callable, a torchmetrics.Metric, a list of "
                     f"them or a {{name: metric}} dict, got {type(metrics).__name__}")

@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
 from .._validate import check_choice, check_int, check_real
+from ..metrics import ClassificationStats, EpochMetrics, resolve_metrics
 from ..scheduler import SCHEDULER_TYPES
 from .options import (
     AmpDtype,
@@ -45,15 +46,17 @@ from .options import (
     AugmentModality,
     Device,
     Metrics,
+    Mode,
     OptimizerSpec,
     SchedulerType,
 )
 
-__all__ = ["TrainConfig", "AUGMENT_MODALITIES", "AMP_DTYPES", "RESUME_RULES", "RENAMED",
+__all__ = ["TrainConfig", "AUGMENT_MODALITIES", "AMP_DTYPES", "MODES", "RESUME_RULES", "RENAMED",
            "AMBIGUOUS", "APPLIES", "FIXED", "NOT_COMPARED"]
 
 AUGMENT_MODALITIES: tuple[str, ...] = get_args(AugmentModality)
 AMP_DTYPES: tuple[str, ...] = get_args(AmpDtype)
+MODES: tuple[str, ...] = get_args(Mode)
 
 #: The longest ``model_name`` in bytes (UTF-8): file names are limited to 255 bytes, and the run's
 #: files add up to 55 to it (``.{name}_metrics.jsonl.<id>.tmp``, ``{name}_metrics.<time>.jsonl``).
@@ -107,6 +110,9 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "check_stability": (APPLIES, "stability checks from the next epoch"),
     "stability_every": (APPLIES, "stability checks from the next epoch"),
     "metrics": (APPLIES, "validation metrics from the next evaluation"),
+    "monitor": (FIXED, "the best value so far and early stopping's and the plateau "
+                "scheduler's saved bests are values of the monitored key"),
+    "mode": (FIXED, "the saved bests were judged in the saved mode"),
     "checkpoint_every_n_steps": (APPLIES, "step checkpoints from now on"),
     "keep_last": (APPLIES, "rotation from the next checkpoint"),
     "handle_signals": (APPLIES, "signal handling for this process"),
@@ -180,6 +186,10 @@ class TrainConfig:
     check_stability: bool = False
     stability_every: int = 10
     metrics: Metrics = None
+    # model selection: the logged key (val_loss, train_loss, val_<metric key>) that picks the
+    # best epoch and drives early stopping and the plateau scheduler; 'max': higher is better
+    monitor: str = "val_loss"
+    mode: Mode = "min"
     # crash safety and recovery
     checkpoint_every_n_steps: int | None = None
     keep_last: int = 2
@@ -290,7 +300,8 @@ class TrainConfig:
         if not isinstance(self.resume, (bool, str, Path)):
             raise TypeError(f"resume must be a bool or a path, got {self.resume!r}")
         self._check_scheduler()
-        self._check_metrics()
+        check_choice("mode", self.mode, MODES)
+        self._check_monitor(self._check_metrics())
         self._check_augment_options()
 
     def _check_scheduler(self) -> None:
@@ -309,20 +320,26 @@ class TrainConfig:
         steps_per_epoch = self.warmup_steps + 2  # onecycle: room for warmup + 1 annealing step
         LearningRateScheduler(opt, self.scheduler_type, **self.scheduler_options(steps_per_epoch))
 
-    def _check_metrics(self) -> None:
-        """Resolve ``metrics`` once: unknown names and non-callables are refused now."""
-        from .loop import resolve_metrics
+    def _check_metrics(self) -> EpochMetrics:
+        """Resolve ``metrics`` once: unknown names and other objects are refused now."""
+        return resolve_metrics(self.metrics)
 
-        m = self.metrics
-        if m is not None and not callable(m) and not isinstance(m, (str, list, tuple, Mapping)):
-            raise TypeError("metrics must be None, a metric name, a list of names/callables or "
-                            f"a dict of name -> callable; got {m!r}")
-        if isinstance(m, (list, tuple)):
-            for item in m:
-                if not isinstance(item, str) and not callable(item):
-                    raise TypeError(f"metrics: each item must be a metric name or a callable, "
-                                    f"got {item!r} of type {type(item).__name__}")
-        resolve_metrics(m)
+    def _check_monitor(self, metrics: EpochMetrics) -> None:
+        """``monitor`` must be a key the run logs: ``val_loss``, ``train_loss``, or ``val_``
+        and a key of the configured metrics."""
+        if not isinstance(self.monitor, str):
+            raise TypeError(f"monitor must be a str, got {self.monitor!r}")
+        key = self.monitor
+        if key in ("val_loss", "train_loss") or (
+                key.startswith("val_") and metrics.may_report(key[len("val_"):])):
+            return
+        known = ["val_loss", "train_loss", *(f"val_{k}" for k in metrics.keys())]
+        if any(isinstance(m, ClassificationStats) and "per_class_recall" in m.report
+               for m in metrics.members):
+            known.append("val_recall_<class>")
+        raise ValueError(f"monitor must be a key the run logs, one of {', '.join(known)}; got "
+                         f"{key!r}" + ("" if metrics.keys() else
+                                       " (add the metric to metrics= to monitor it)"))
 
     def _check_augment_options(self) -> None:
         """Check ``augment_options`` against the built-in augmentation they will be passed to.
@@ -353,7 +370,8 @@ class TrainConfig:
     def scheduler_options(self, steps_per_epoch: int) -> dict[str, Any]:
         """Keyword options for ``LearningRateScheduler`` for this run's length."""
         opts: dict[str, Any] = {
-            "patience": self.plateau_patience, "factor": self.factor, "gamma": self.gamma,
+            "patience": self.plateau_patience, "mode": self.mode, "factor": self.factor,
+            "gamma": self.gamma,
             "step_size": self.step_size, "min_lr": self.min_lr, "warmup_steps": self.warmup_steps,
             "T_max": self.T_max if self.T_max is not None else self.epochs,
         }

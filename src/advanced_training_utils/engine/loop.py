@@ -15,53 +15,15 @@ from typing import Any, Protocol
 import torch
 
 from ..clipping import GradientClipper
+from ..metrics import EpochMetrics, batch_rows
 from ..precision import MixedPrecisionTrainer
 
-__all__ = ["Parts", "split_batch", "train_epoch", "evaluate", "read_sums", "accuracy",
-           "resolve_metrics"]
+__all__ = ["Parts", "split_batch", "to_device", "train_epoch", "evaluate", "read_sums"]
 
 log = logging.getLogger(__name__)
 
-Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _NULL = contextlib.nullcontext()
 _END = object()  # end of a loader, for the one-batch look-ahead
-
-
-def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Fraction of rows whose argmax over the last axis equals the integer target."""
-    return (outputs.argmax(dim=-1) == targets).float().mean()
-
-
-_BUILTIN_METRICS: dict[str, Metric] = {"accuracy": accuracy}
-
-
-def resolve_metrics(metrics: Any) -> dict[str, Metric]:
-    """``None``, a name, a list of names/callables, or a ``{name: callable}`` dict -> dict.
-
-    A metric takes ``(outputs, targets)`` for one batch and returns the batch mean as a 0-dim
-    tensor; the epoch value is the example-weighted mean.
-    """
-    if metrics is None:
-        return {}
-    if isinstance(metrics, str) or callable(metrics):
-        metrics = [metrics]
-    if isinstance(metrics, Mapping):
-        items = list(metrics.items())
-    else:
-        items = []
-        for m in metrics:
-            items.append((m, m) if isinstance(m, str) else (getattr(m, "__name__", "metric"), m))
-    out: dict[str, Metric] = {}
-    for name, fn in items:
-        if isinstance(fn, str):
-            if fn not in _BUILTIN_METRICS:
-                raise ValueError(f"metrics: unknown metric {fn!r}; built-in metrics: "
-                                 + ", ".join(_BUILTIN_METRICS))
-            fn = _BUILTIN_METRICS[fn]
-        if not callable(fn):
-            raise TypeError(f"metrics: {name!r} must be callable, got {type(fn).__name__}")
-        out[str(name)] = fn
-    return out
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -80,24 +42,15 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
-def _to(x: Any, device: torch.device) -> Any:
+def to_device(x: Any, device: torch.device) -> Any:
+    """A batch's tensors (alone, or in tuples, lists and dicts) moved to ``device``."""
     if isinstance(x, torch.Tensor):
         return x.to(device, non_blocking=True)
     if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
+        return type(x)(to_device(v, device) for v in x)
     if isinstance(x, Mapping):
-        return {k: _to(v, device) for k, v in x.items()}
+        return {k: to_device(v, device) for k, v in x.items()}
     return x
-
-
-def _batch_size(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return int(x.shape[0]) if x.dim() else 1
-    if isinstance(x, (tuple, list)) and x:
-        return _batch_size(x[0])
-    if isinstance(x, Mapping) and x:
-        return _batch_size(next(iter(x.values())))
-    return 1
 
 
 class StepDecider(Protocol):
@@ -131,7 +84,7 @@ class Parts:
     augment: Callable[[Any], Any]
     device: torch.device
     accumulation_steps: int = 1
-    metrics: dict[str, Metric] = field(default_factory=dict)
+    metrics: EpochMetrics = field(default_factory=EpochMetrics)  # validation metrics
     module: torch.nn.Module | None = None   # the unwrapped model when ``model`` is DDP
 
     @property
@@ -157,7 +110,7 @@ class EpochSums:
     examples: int = 0
     batches: int = 0
     optimizer_steps: int = 0
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: EpochMetrics | None = None  # validation: the epoch's metrics (device statistics)
 
     def add(self, loss: torch.Tensor, size: int) -> None:
         self.losses.append(loss.detach())
@@ -289,9 +242,9 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
     i = start - 1
     for i, batch, last in _marked(loader, start, n_batches, accum):
         x, y = split_batch(batch)
-        x, y = _to(x, p.device), _to(y, p.device)
+        x, y = to_device(x, p.device), to_device(y, p.device)
         x = p.augment(x)
-        size = _batch_size(y)
+        size = batch_rows(y)
         if w is None:
             p.optimizer.zero_grad(set_to_none=True)
             expected = accum if n_batches is None or i >= n_batches else min(accum, n_batches - i)
@@ -345,20 +298,20 @@ def evaluate(parts: Parts, loader: Iterable[Any]) -> EpochSums:
 
     Runs the unwrapped model (``parts.inner``): under DDP, evaluation makes no collective, so
     ranks may hold validation shards of different lengths (the caller syncs buffers first).
+    The metrics (``parts.metrics``) are reset, then updated per batch with tensor operations
+    only (no host read for the built-ins); :func:`read_sums` computes them once.
     """
     p = parts
     p.model.eval()
     sums = EpochSums.zeros(p.device)
-    for name in p.metrics:
-        sums.metrics[name] = torch.zeros((), device=p.device)
+    sums.metrics = p.metrics
+    p.metrics.reset()  # torchmetrics objects too: each epoch is computed on its own
     for batch in loader:
         x, y = split_batch(batch)
-        x, y = _to(x, p.device), _to(y, p.device)
+        x, y = to_device(x, p.device), to_device(y, p.device)
         out, loss = _forward(p, x, y, f"validation batch {sums.batches}", p.inner)
-        bs = _batch_size(y)
-        sums.add(loss, bs)
-        for name, fn in p.metrics.items():
-            sums.metrics[name] += fn(out.float(), y).detach().float() * bs
+        sums.add(loss, batch_rows(y))
+        p.metrics.update(out, y)
     return sums
 
 
@@ -368,19 +321,23 @@ def read_sums(train: EpochSums, val: EpochSums | None,
               world_size: int = 1) -> dict[str, Any]:
     """Read an epoch's device sums (and ``extra`` 0-d device values) in one transfer.
 
-    Under DDP, ``reduce_sum`` all-reduces the whole vector first: sums and example counts add
-    up over ranks and the ``extra`` values are averaged, so every rank reads the same numbers.
+    Under DDP, ``reduce_sum`` all-reduces the whole vector first: sums, example counts and the
+    validation metrics' statistics add up over ranks (each validation item is on one rank
+    only: the validation shards are not padded) and the ``extra`` values are averaged, so
+    every rank reads the same numbers. The metrics are computed on the device from the
+    reduced statistics and read in the same transfer.
 
     Returns:
         ``train_loss`` (mean over examples whose batch loss was finite: those steps were skipped;
         NaN when none was) and ``nonfinite_train_examples``; with ``val``: ``val_loss``, NaN
         when any validation batch's loss was non-finite (a mean over the other batches would
         judge the model on part of the data, and pick a best epoch on it) and
-        ``nonfinite_val_examples``, and the ``val_<metric>`` values; each ``extra`` key as a
-        float (None values read as 0.0).
+        ``nonfinite_val_examples``, and ``val_<key>`` for every key the metrics compute
+        (``val_recall_<class>`` for per-class recall); each ``extra`` key as a float (None
+        values read as 0.0).
     """
     device = train.device
-    names = list(val.metrics) if val is not None else []
+    metrics = val.metrics if val is not None and val.metrics is not None else EpochMetrics()
 
     def count(n: int) -> torch.Tensor:
         return torch.full((), float(n), device=device)
@@ -388,13 +345,19 @@ def read_sums(train: EpochSums, val: EpochSums | None,
     vals = [*train.totals(), count(train.examples)]
     if val is not None:
         vals += [*val.totals(), count(val.examples)]
-        vals += [val.metrics[n] for n in names]
     extra = extra or {}
     vals += [v if v is not None else torch.zeros((), device=device) for v in extra.values()]
-    vec = torch.stack([v.detach().double().to(device) for v in vals])
+    stats = metrics.stats()
+    vec = torch.cat([torch.stack([v.detach().double().to(device) for v in vals]),
+                     stats.detach().to(device=device, dtype=torch.float64)])
     if reduce_sum is not None:
         vec = reduce_sum(vec)
-    host = vec.tolist()
+    n = len(vals)
+    if reduce_sum is not None and stats.numel():
+        metrics.load_stats(vec[n:].to(stats.dtype))
+    computed = metrics.compute_tensors()
+    values = [v.detach().to(device=device, dtype=torch.float64) for v in computed.values()]
+    host = torch.cat([vec[:n], torch.stack(values)]).tolist() if values else vec[:n].tolist()
     out: dict[str, Any] = {}
     out["train_loss"] = host[0] / host[1] if host[1] else float("nan")
     out["nonfinite_train_examples"] = int(round(host[2] - host[1]))
@@ -403,9 +366,9 @@ def read_sums(train: EpochSums, val: EpochSums | None,
         out["nonfinite_val_examples"] = int(round(host[5] - host[4]))
         out["val_loss"] = (host[3] / host[4] if host[4] and not out["nonfinite_val_examples"]
                            else float("nan"))
-        for j, n in enumerate(names):
-            out[f"val_{n}"] = host[6 + j] / host[5] if host[5] else float("nan")
-        k = 6 + len(names)
+        k = 6
     for j, key in enumerate(extra):
         out[key] = host[k + j] / world_size
+    for j, key in enumerate(computed):
+        out[f"val_{key}"] = host[n + j]
     return out

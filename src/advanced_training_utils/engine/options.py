@@ -35,7 +35,7 @@ else:  # pragma: no cover - Python 3.10: typing_extensions comes with torch
     from typing_extensions import Unpack
 
 __all__ = ["TrainOptions", "Unpack", "SchedulerType", "AmpDtype", "AugmentModality",
-           "DeviceName", "Device", "MetricName", "Metrics", "OptimizerSpec", "Augment"]
+           "DeviceName", "Device", "MetricName", "Metrics", "Mode", "OptimizerSpec", "Augment"]
 
 #: ``LearningRateScheduler``'s types (``scheduler.SCHEDULER_TYPES``).
 SchedulerType = Literal["plateau", "cosine", "step", "exp", "onecycle"]
@@ -46,12 +46,15 @@ AugmentModality = Literal["audio", "emotion", "notes"]
 #: Device names; ``'cuda:N'`` and ``torch.device`` objects are accepted too.
 DeviceName = Literal["auto", "cpu", "cuda", "mps", "xla"]
 Device = DeviceName | str | torch.device
-#: Built-in metric names (``loop.resolve_metrics``).
-MetricName = Literal["accuracy"]
-#: A metric: ``(outputs, targets) -> 0-dim tensor`` (the batch mean).
-MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: Built-in metric names (``metrics.BUILTIN_METRICS``).
+MetricName = Literal["accuracy", "uar", "macro_f1", "per_class_recall", "ccc", "mae"]
+#: A metric: ``(outputs, targets) -> 0-dim tensor`` (the batch mean, averaged over examples),
+#: or a ``torchmetrics.Metric`` (any object with update/compute/reset: run over the epoch).
+MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | Any
 Metrics = (MetricName | MetricFn | Sequence[MetricName | MetricFn] | Mapping[str, MetricFn]
            | None)
+#: ``mode``: whether a lower (``'min'``) or higher (``'max'``) monitored value is better.
+Mode = Literal["min", "max"]
 #: An optimizer over the model's parameters, or a factory taking the trainable parameters.
 OptimizerSpec = (torch.optim.Optimizer
                  | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None)
@@ -97,6 +100,8 @@ class TrainOptions(TypedDict, total=False):
     check_stability: bool
     stability_every: int
     metrics: Metrics
+    monitor: str
+    mode: Mode
     checkpoint_every_n_steps: int | None
     keep_last: int
     handle_signals: bool

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 from .. import checkpoint as ck
 from ..clipping import GradientClipper
 from ..early_stopping import EarlyStopping
+from ..metrics import resolve_metrics
 from ..precision import MixedPrecisionTrainer
 from ..scheduler import LearningRateScheduler
 from . import distributed
@@ -32,7 +33,7 @@ from .dataorder import ResumableLoader, make_resumable
 from .health.guard import StepGuard
 from .health.monitor import DivergenceMonitor
 from .health.recovery import Recovery
-from .loop import Parts, resolve_metrics
+from .loop import Parts
 from .prepare import FirstBatchCheck, build_augment, build_optimizer, loader_length
 from .resume import optimizer_spec
 from .state import (
@@ -46,8 +47,8 @@ from .state import (
     Stateful,
 )
 
-__all__ = ["NoSchedule", "NoEarlyStopping", "RunEarlyStopping", "identity", "RunParts",
-           "build_parts"]
+__all__ = ["NoSchedule", "NoEarlyStopping", "RunEarlyStopping", "Selection", "identity",
+           "RunParts", "build_parts"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,62 @@ class NoEarlyStopping:
         """Nothing to restore."""
 
 
+#: Logged keys (prefixes) for which a higher value is better: mode='min' on them is a warning.
+_HIGHER_IS_BETTER = ("val_accuracy", "val_uar", "val_macro_f1", "val_recall_", "val_ccc")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Model selection: the logged key the run follows and whether lower (``'min'``) or higher
+    (``'max'``) is better. The best epoch, early stopping and the plateau scheduler follow it.
+
+    Example:
+        >>> s = Selection("val_uar", "max")
+        >>> s.improved(0.71, best=0.70, min_delta=0.0), s.improved(0.70, best=0.70, min_delta=0.0)
+        (True, False)
+    """
+
+    key: str
+    mode: str
+
+    @property
+    def worst(self) -> float:
+        """The best value before any epoch: every finite value improves on it."""
+        return math.inf if self.mode == "min" else -math.inf
+
+    def value(self, nums: Mapping[str, Any]) -> float:
+        """The monitored value among an epoch's read numbers (:func:`.loop.read_sums`)."""
+        if self.key not in nums:
+            raise ValueError(f"monitor={self.key!r} is not among the values this run logs: "
+                             + ", ".join(k for k in nums if k.endswith("loss")
+                                         or k.startswith("val_")))
+        return float(nums[self.key])
+
+    def improved(self, value: float, best: float, min_delta: float) -> bool:
+        """Whether ``value`` is finite and beats ``best`` by more than ``min_delta``."""
+        if not math.isfinite(value):
+            return False
+        return value < best - min_delta if self.mode == "min" else value > best + min_delta
+
+
+def _selection(cfg: TrainConfig, has_val: bool) -> Selection:
+    """``cfg.monitor``; without a val_loader the default ``val_loss`` becomes ``train_loss``
+    and a validation metric is refused."""
+    key = cfg.monitor
+    if not has_val and key == "val_loss":
+        key = "train_loss"
+    elif not has_val and key != "train_loss":
+        raise ValueError(f"monitor={key!r} needs a val_loader (it is a validation value); "
+                         "without one, monitor='train_loss'")
+    higher, lower = key.startswith(_HIGHER_IS_BETTER), key.endswith("loss") or key.startswith(
+        "val_mae")
+    if (cfg.mode == "min" and higher) or (cfg.mode == "max" and lower):
+        log.warning("monitor=%r with mode=%r: a %s value counts as better; is mode=%r meant?",
+                    key, cfg.mode, "lower" if cfg.mode == "min" else "higher",
+                    "max" if cfg.mode == "min" else "min")
+    return Selection(key, cfg.mode)
+
+
 @dataclass
 class RunParts:
     """Everything one run is made of (see :func:`build_parts`)."""
@@ -120,6 +177,7 @@ class RunParts:
     early: RunEarlyStopping | NoEarlyStopping
     monitor: DivergenceMonitor
     first_check: FirstBatchCheck
+    selection: Selection              # what the best epoch, early stopping and plateau follow
     progress: RunProgress
     position: EpochPosition
     table: dict[str, Stateful]        # the checkpoint's parts (main rank)
@@ -161,9 +219,12 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
                       reduce_max=ctx.max_ if ctx.enabled else None)
     n_batches = loader_length(train_loader)  # None: no length (an IterableDataset, say)
     scheduler = _build_scheduler(cfg, optimizer, n_batches)
-    first_check = FirstBatchCheck(cfg, criterion, model, device)  # on this rank's first batch
+    metrics = resolve_metrics(cfg.metrics, device=device)
+    first_check = FirstBatchCheck(cfg, criterion, model, device,  # on this rank's first batch
+                                  metrics)
     augment, augmenter = build_augment(cfg, cfg.seed)
-    early = (RunEarlyStopping(cfg.early_stop_patience, cfg.min_delta)
+    selection = _selection(cfg, val_loader is not None)
+    early = (RunEarlyStopping(cfg.early_stop_patience, cfg.min_delta, cfg.mode)
              if cfg.early_stop_patience is not None else NoEarlyStopping())
     if val_loader is None and (cfg.early_stop_patience is not None or scheduler.is_plateau):
         log.warning("no val_loader: early stopping / plateau scheduling follow the training loss")
@@ -182,10 +243,10 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
     steps = Parts(model=net, criterion=criterion, optimizer=optimizer, precision=precision,
                   clipper=clipper, monitor=monitor, scheduler=scheduler,
                   augment=augment or identity, device=device,
-                  accumulation_steps=cfg.accumulation_steps, metrics=resolve_metrics(cfg.metrics),
+                  accumulation_steps=cfg.accumulation_steps, metrics=metrics,
                   module=model if net is not model else None)
     loader = make_resumable(train_loader, (val_loader,))
-    progress = RunProgress()
+    progress = RunProgress(best_loss=selection.worst)
     position = EpochPosition(loader, progress)
     table: dict[str, Stateful] = {  # the checkpoint: one line per stateful part
         **snapshot,
@@ -199,7 +260,7 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
     }
     return RunParts(model=model, opt_spec=opt_spec, val_loader=val_loader, loader=loader, n_batches=n_batches,
                     steps=steps, scheduler=scheduler, early=early, monitor=monitor,
-                    first_check=first_check, progress=progress, position=position, table=table,
+                    first_check=first_check, selection=selection, progress=progress, position=position, table=table,
                     rank=RankState(guard, position, device))
 
 

@@ -20,11 +20,11 @@ from .. import checkpoint as ck
 from ..augmentation import DataAugmentation
 from .config import TrainConfig
 from .dataorder import find_generators
-from .loop import split_batch
+from .loop import split_batch, to_device
 
 __all__ = ["check_device", "resolve_device", "infer_modality", "build_optimizer",
-           "build_augment", "FirstBatchCheck", "rng_untouched", "check_labels", "check_inputs",
-           "loader_length"]
+           "build_augment", "FirstBatchCheck", "rng_untouched", "check_labels",
+           "check_metric_outputs", "check_inputs", "loader_length"]
 
 log = logging.getLogger(__name__)
 
@@ -175,15 +175,17 @@ def _warn_unset_augment(sample: Any) -> None:
 class FirstBatchCheck:
     """Checks made on the first training batch the run sees, as training reads it.
 
-    The checks (class labels in range for the model's outputs; the augmentation warning) run on
+    The checks (class labels in range for the model's outputs; the outputs and targets the
+    built-in metrics need; the augmentation warning) run on
     the batch the first epoch yields anyway, not on a separate peek: a peek would draw from the
     user's RNGs (a DataLoader's ``generator`` draws each iterator's base seed, an iterable may
     reshuffle), which shifts the data order of a run against the user's own loop.
     """
 
     def __init__(self, cfg: TrainConfig, criterion: Any, model: torch.nn.Module,
-                 device: torch.device) -> None:
+                 device: torch.device, metrics: Any = None) -> None:
         self._args = (criterion, model, device)
+        self._metrics = metrics
         self._warn_augment = bool(cfg.use_augmentation and cfg.augment is None)
         self._done = False
 
@@ -197,6 +199,7 @@ class FirstBatchCheck:
             x, y = split_batch(batch)
             criterion, model, device = self._args
             check_labels(criterion, model, x, y, device)
+            check_metric_outputs(self._metrics, model, x, y, device)
             if self._warn_augment:
                 _warn_unset_augment(x)
             return itertools.chain([batch], batches)
@@ -242,6 +245,25 @@ def check_labels(criterion: Any, model: torch.nn.Module, x: Any, y: Any,
         raise ValueError(f"class labels must be in [0, {classes - 1}] for a model with "
                          f"{classes} outputs; the first batch holds labels "
                          f"{int(valid.min())}..{int(valid.max())}")
+
+
+def check_metric_outputs(metrics: Any, model: torch.nn.Module, x: Any, y: Any,
+                         device: torch.device) -> None:
+    """Check the model's outputs on the first batch against the built-in metrics (a tuple or
+    dict output, a single logit, multi-label targets), so that a metric that cannot be computed
+    fails before the first epoch, not after it; the metrics take their sizes from it."""
+    if not metrics:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(to_device(x, device))
+    except Exception:
+        return  # the training loop reports forward failures with their batch position
+    finally:
+        model.train(was_training)
+    metrics.check(out, to_device(y, device))
 
 
 def loader_length(loader: Any) -> int | None:

@@ -90,7 +90,10 @@ def train_model_advanced(
             (``'audio'``, ``'emotion'``, ``'notes'`` or a callable; with None nothing is applied
             and a warning is logged), ``augment_options``. Stopping and checks:
             ``early_stop_patience``, ``min_delta``, ``restore_best_weights``,
-            ``check_stability``, ``stability_every``, ``metrics``. Files: ``checkpoint_dir``,
+            ``check_stability``, ``stability_every``, ``metrics`` (``uar``, ``macro_f1``,
+            ``accuracy``, ``per_class_recall``, ``ccc``, ``mae``, torchmetrics objects,
+            callables; logged as ``val_<key>``), ``monitor`` (the logged key for the best epoch,
+            early stopping, plateau) and ``mode`` (``min``/``max``). Files: ``checkpoint_dir``,
             ``model_name``, ``resume`` (True: the newest intact ``{model_name}_last*.pt``; or a
             path), ``checkpoint_every_n_steps``, ``keep_last``, ``handle_signals``,
             ``metrics_file``, ``tensorboard``. Recovery: ``recovery``, ``spike_factor``,
@@ -98,11 +101,11 @@ def train_model_advanced(
             ``divergence_factor``, ``recovery_check_every``. Under torchrun: ``dist_timeout``.
 
     Returns:
-        dict with ``best_val_loss``, ``best_epoch`` (1-based; 0 if no epoch improved),
-        ``history`` (one dict per epoch), ``stopped_early``, ``epochs_run``, ``best_checkpoint``
-        and ``last_checkpoint`` (paths or None), ``grad_stats`` (the clipper's statistics over
-        the run), ``stability`` (the last check's findings or None), ``skipped_steps``,
-        ``rollbacks`` and ``recovery_events``.
+        dict with ``best_epoch`` (1-based; 0: none improved), ``monitor``, ``best_metric``
+        (its best value), ``best_val_loss`` (the best epoch's val loss), ``history`` (a dict per
+        epoch), ``stopped_early``, ``epochs_run``, ``best_checkpoint`` and ``last_checkpoint``
+        (paths or None), ``grad_stats`` (the clipper's statistics over the run), ``stability``
+        (the last check's findings or None), ``skipped_steps``, ``rollbacks``, ``recovery_events``.
 
     Raises:
         TypeError / ValueError: bad options, model, loaders, labels or criterion, named; or a
@@ -126,7 +129,7 @@ def train_model_advanced(
                 train = run.train(epoch, preempt)
                 val = run.evaluate()
                 nums, health = run.read(epoch, train, val)
-                monitored = nums.get("val_loss", nums["train_loss"])
+                monitored = run.parts.selection.value(nums)
                 run.step_schedule(epoch, monitored, health.event)
                 improved = run.keep_best(epoch, monitored, health.event)
                 run.stop_early(monitored)
@@ -314,23 +317,24 @@ class _Run:
 
     # ------------------------------------------------------------------ decisions
     def step_schedule(self, epoch: int, monitored: float, event: RecoveryEvent | None) -> None:
-        """Step a per-epoch or plateau schedule on the monitored loss; not after a rollback,
-        and a plateau schedule not on a non-finite loss."""
+        """Step a per-epoch or plateau schedule (on the monitored value, in ``mode``); not after
+        a rollback, and a plateau schedule not on a non-finite value."""
         sched = self.parts.scheduler
         if sched.interval != "epoch" or event is not None:
             return
         if sched.is_plateau and not math.isfinite(monitored):
-            log.warning("epoch %d: monitored loss is %s; plateau scheduler not stepped",
-                        epoch, monitored)
+            log.warning("epoch %d: monitored %s is %s; plateau scheduler not stepped",
+                        epoch, self.parts.selection.key, monitored)
         else:
             sched.step(monitored if sched.is_plateau else None)
 
     def keep_best(self, epoch: int, monitored: float, event: RecoveryEvent | None) -> bool:
-        """Whether the epoch is the new best (finite, better by more than ``min_delta``, no
-        rollback); then its weights are kept (with ``restore_best_weights``)."""
+        """Whether the epoch is the new best (the monitored value finite, better in ``mode`` by
+        more than ``min_delta``, no rollback); then its weights are kept (with
+        ``restore_best_weights``)."""
         prog = self.parts.progress
-        improved = (event is None and math.isfinite(monitored)
-                    and monitored < prog.best_loss - self.cfg.min_delta)
+        improved = event is None and self.parts.selection.improved(
+            monitored, prog.best_loss, self.cfg.min_delta)
         if improved:
             prog.best_loss, prog.best_epoch = monitored, epoch
             if self.cfg.restore_best_weights:
@@ -403,8 +407,10 @@ class _Run:
         if self.cfg.restore_best_weights and prog.best_weights is not None:
             p.model.load_state_dict(prog.best_weights)
         return {
-            "best_val_loss": prog.best_loss,
+            "best_val_loss": self._best_val_loss(),
             "best_epoch": prog.best_epoch,
+            "best_metric": prog.best_loss,
+            "monitor": p.selection.key,
             "history": prog.history,
             "stopped_early": self.stopped_early,
             "epochs_run": len(prog.history),
@@ -418,3 +424,13 @@ class _Run:
             "rollbacks": p.monitor.rollbacks,
             "recovery_events": [e.as_dict() for e in p.monitor.events],
         }
+
+    def _best_val_loss(self) -> float:
+        """The guide's ``best_val_loss``: the best monitored value when that is the validation
+        loss (the default; the training loss without a val_loader), else the validation loss
+        of the best epoch (inf before one)."""
+        p, prog = self.parts, self.parts.progress
+        if p.selection.key == "val_loss" or p.val_loader is None:
+            return prog.best_loss
+        rows = [h for h in prog.history if h["epoch"] == prog.best_epoch]
+        return rows[0]["val_loss"] if rows else math.inf
