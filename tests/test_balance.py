@@ -2,6 +2,7 @@
 saved and returned) and sampler='balanced' (WeightedRandomSampler draws through the recorded
 epoch order: mid-epoch resume bit-exact; sharded under DDP)."""
 
+import json
 import logging
 from typing import get_args
 
@@ -474,3 +475,35 @@ def test_under_ddp_each_rank_takes_its_share_of_the_same_balanced_draws(one_proc
         full = list(WeightedRandomSampler(per_item, N, replacement=True,
                                           generator=_gen(seed + epoch)))
         assert shares[0] == full[0::2] and shares[1] == full[1::2]
+
+
+# ---------------------------------------------------------------------------- the CLI
+def test_the_cli_sets_both_options_for_a_builtin_task(tmp_path):
+    from advanced_training_utils.app.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--task", "emotion", "--out", str(run), "--quiet", "--epochs", "1",
+                 "--device", "cpu", "--set", "per_piece=1", "--set", "class_weights=balanced",
+                 "--set", "sampler=balanced"]) == 0
+    s = json.loads((run / "summary.json").read_text())
+    assert s["options"]["class_weights"] == s["options"]["sampler"] == "balanced"
+    w = s["class_weights"]
+    assert len(w) == 4 and all(v > 0 for v in w)
+    saved = ck.load_checkpoint(run / "checkpoints" / "emotion_last.pt")
+    assert saved[ck.CLASS_WEIGHTS_KEY]["weights"].tolist() == w
+
+
+def test_the_cli_sets_both_options_for_the_users_audio(tmp_path, monkeypatch):
+    from _audio_corpus import EMOTIONS, folder_corpus, write_good
+    from advanced_training_utils.app.cli import main
+
+    monkeypatch.setenv("ADVTRAIN_CACHE", str(tmp_path / "cache"))
+    root, _ = folder_corpus(tmp_path / "f", speakers=5, broken=False)
+    for k in range(10):  # the first class four times as frequent in every speaker
+        write_good(root / EMOTIONS[0] / f"spk{k % 5}_{k + 2}.wav", 100 + k)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--out", str(run), "--epochs", "1", "--quiet",
+                 "--device", "cpu", "--set", "n_mels=32", "--set", "class_weights=balanced",
+                 "--set", "sampler=balanced"]) == 0
+    w = json.loads((run / "summary.json").read_text())["class_weights"]
+    assert len(w) == 3 and w[0] < min(w[1:])  # the frequent class weighs least
