@@ -68,7 +68,7 @@ def test_the_table_lists_every_part_once_with_the_monitor_last():
     assert list(p.table) == [
         ck.MODEL_KEY, ck.OPTIMIZER_KEY, ck.SCHEDULER_KEY, ck.PRECISION_KEY, ck.CLIPPER_KEY,
         ck.EARLY_STOPPING_KEY, ck.AUGMENTATION_KEY, PROGRESS, ck.EPOCH_ORDER_KEY,
-        ck.CONFIG_KEY, ck.OPTIMIZER_SPEC_KEY, ck.RECOVERY_KEY]
+        ck.CONFIG_KEY, ck.OPTIMIZER_SPEC_KEY, ck.CLASS_WEIGHTS_KEY, ck.RECOVERY_KEY]
     assert p.table[ck.MODEL_KEY] is p.model and p.table[ck.RECOVERY_KEY] is p.monitor
     assert p.table[PROGRESS] is p.progress and p.table[ck.OPTIMIZER_KEY] is p.optimizer
     # recovery's snapshot is the first five parts of the same table

@@ -192,13 +192,15 @@ def test_a_run_checkpoint_holds_exactly_the_tables_keys(tmp_path):
         ck.MODEL_KEY, ck.OPTIMIZER_KEY, ck.SCHEDULER_KEY, ck.PRECISION_KEY, ck.CLIPPER_KEY,
         ck.EARLY_STOPPING_KEY, ck.AUGMENTATION_KEY, ck.HISTORY_KEY, ck.EPOCH_KEY, ck.STEP_KEY,
         ck.BEST_KEY, ck.GLOBAL_STEP_KEY, ck.CHECK_FROM_KEY, ck.EPOCH_ORDER_KEY, ck.CONFIG_KEY,
-        ck.OPTIMIZER_SPEC_KEY, ck.RECOVERY_KEY, ck.RANKS_KEY, ck.FORMAT_KEY, ck.CHECKSUM_KEY}
+        ck.OPTIMIZER_SPEC_KEY, ck.RECOVERY_KEY, ck.RANKS_KEY, ck.FORMAT_KEY, ck.CHECKSUM_KEY,
+        ck.CLASS_WEIGHTS_KEY}
     assert state[ck.FORMAT_KEY] == 1
     assert list(state[ck.RANKS_KEY][0]) == [ck.RNG_KEY, ck.EPOCH_SUMS_KEY, ck.GUARD_KEY,
                                             ck.LOADER_RNG_KEY]
     # switched-off parts are saved as None, as in every format-1 file
     assert state[ck.EARLY_STOPPING_KEY] is None and state[ck.AUGMENTATION_KEY] is None
     assert state[ck.EPOCH_ORDER_KEY] is None and state[ck.RANKS_KEY][0][ck.EPOCH_SUMS_KEY] is None
+    assert state[ck.CLASS_WEIGHTS_KEY] is None
 
 
 # ---------------------------------------------------------------- format 1 from the old code

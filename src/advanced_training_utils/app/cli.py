@@ -557,7 +557,8 @@ def _run_summary(res: dict[str, Any], options: dict[str, Any], device: Any) -> d
             "epochs_run": res["epochs_run"], "best_epoch": res["best_epoch"],
             "best_val_loss": res["best_val_loss"], "stopped_early": res["stopped_early"],
             "skipped_steps": res["skipped_steps"],
-            "best_val_accuracy": max(accs) if accs else None}
+            "best_val_accuracy": max(accs) if accs else None,
+            "class_weights": res.get("class_weights")}
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:

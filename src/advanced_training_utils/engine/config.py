@@ -44,19 +44,23 @@ from .options import (
     AmpDtype,
     Augment,
     AugmentModality,
+    ClassWeightsMode,
     Device,
     Metrics,
     Mode,
     OptimizerSpec,
+    SamplerMode,
     SchedulerType,
 )
 
 __all__ = ["TrainConfig", "AUGMENT_MODALITIES", "AMP_DTYPES", "MODES", "RESUME_RULES", "RENAMED",
-           "AMBIGUOUS", "APPLIES", "FIXED", "NOT_COMPARED"]
+           "AMBIGUOUS", "APPLIES", "FIXED", "NOT_COMPARED", "CLASS_WEIGHT_MODES", "SAMPLER_MODES"]
 
 AUGMENT_MODALITIES: tuple[str, ...] = get_args(AugmentModality)
 AMP_DTYPES: tuple[str, ...] = get_args(AmpDtype)
 MODES: tuple[str, ...] = get_args(Mode)
+CLASS_WEIGHT_MODES: tuple[str, ...] = get_args(ClassWeightsMode)
+SAMPLER_MODES: tuple[str, ...] = get_args(SamplerMode)
 
 #: The longest ``model_name`` in bytes (UTF-8): file names are limited to 255 bytes, and the run's
 #: files add up to 55 to it (``.{name}_metrics.jsonl.<id>.tmp``, ``{name}_metrics.<time>.jsonl``).
@@ -103,6 +107,8 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "use_augmentation": (FIXED, "the augmentation's random streams are restored"),
     "augment": (FIXED, "the augmentation's random streams are restored"),
     "augment_options": (FIXED, "the augmentation's random streams are restored"),
+    "class_weights": (FIXED, "the loss each step minimises; the saved weights are restored"),
+    "sampler": (FIXED, "the data each epoch draws, and the recorded order and generators"),
     "early_stop_patience": (APPLIES, "early stopping keeps its count of bad epochs and stops "
                             "when it reaches the new patience"),
     "min_delta": (APPLIES, "improvements from now on are judged with the new min_delta"),
@@ -179,6 +185,9 @@ class TrainConfig:
     use_augmentation: bool = False
     augment: Augment = None
     augment_options: dict[str, Any] = field(default_factory=dict)
+    # class imbalance (engine/balance.py)
+    class_weights: ClassWeightsMode | None = None  # 'balanced': n / (n_classes * count_c)
+    sampler: SamplerMode | None = None             # 'balanced': each class drawn equally often
     # stopping and checks
     early_stop_patience: int | None = None
     min_delta: float = 0.0
@@ -277,6 +286,10 @@ class TrainConfig:
             check_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
         if self.augment is not None and not callable(self.augment):
             check_choice("augment", self.augment, AUGMENT_MODALITIES)
+        if self.class_weights is not None:
+            check_choice("class_weights", self.class_weights, CLASS_WEIGHT_MODES)
+        if self.sampler is not None:
+            check_choice("sampler", self.sampler, SAMPLER_MODES)
         if self.early_stop_patience is not None:
             check_int("early_stop_patience", self.early_stop_patience, low=1)
         check_real("min_delta", self.min_delta, low=0.0)

@@ -35,7 +35,8 @@ else:  # pragma: no cover - Python 3.10: typing_extensions comes with torch
     from typing_extensions import Unpack
 
 __all__ = ["TrainOptions", "Unpack", "SchedulerType", "AmpDtype", "AugmentModality",
-           "DeviceName", "Device", "MetricName", "Metrics", "Mode", "OptimizerSpec", "Augment"]
+           "DeviceName", "Device", "MetricName", "Metrics", "Mode", "OptimizerSpec", "Augment",
+           "ClassWeightsMode", "SamplerMode"]
 
 #: ``LearningRateScheduler``'s types (``scheduler.SCHEDULER_TYPES``).
 SchedulerType = Literal["plateau", "cosine", "step", "exp", "onecycle"]
@@ -60,6 +61,10 @@ OptimizerSpec = (torch.optim.Optimizer
                  | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None)
 #: A built-in augmentation by name, or a callable ``inputs -> augmented inputs``.
 Augment = AugmentModality | Callable[[Any], Any] | None
+#: ``class_weights``: inverse-frequency weights for the criterion (``engine/balance.py``).
+ClassWeightsMode = Literal["balanced"]
+#: ``sampler``: draw each class equally often (``engine/balance.py``).
+SamplerMode = Literal["balanced"]
 
 
 class TrainOptions(TypedDict, total=False):
@@ -94,6 +99,8 @@ class TrainOptions(TypedDict, total=False):
     use_augmentation: bool
     augment: Augment
     augment_options: dict[str, Any]
+    class_weights: ClassWeightsMode | None
+    sampler: SamplerMode | None
     early_stop_patience: int | None
     min_delta: float
     restore_best_weights: bool

@@ -28,6 +28,7 @@ from ..metrics import resolve_metrics
 from ..precision import MixedPrecisionTrainer
 from ..scheduler import LearningRateScheduler
 from . import distributed
+from .balance import ClassWeights, balanced_loader, weigh_criterion
 from .config import TrainConfig
 from .dataorder import ResumableLoader, make_resumable
 from .health.guard import StepGuard
@@ -182,6 +183,7 @@ class RunParts:
     position: EpochPosition
     table: dict[str, Stateful]        # the checkpoint's parts (main rank)
     rank: RankState                   # this rank's entry of the checkpoint's ranks
+    class_weights: ClassWeights       # the criterion's class weights (balance.py; off: None)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -202,6 +204,10 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
     """Build the run's parts from ``cfg`` (the model moves to ``device``; loaders are sharded
     under DDP)."""
     model.to(device)
+    # class imbalance: from the whole training set (every rank the same), before sharding
+    criterion, class_weights = weigh_criterion(criterion, train_loader, cfg, device,
+                                               _float_dtype(model))
+    train_loader = balanced_loader(train_loader, cfg)
     train_loader = ctx.shard(train_loader, cfg.seed or 0, train=True)
     if val_loader is not None:
         val_loader = ctx.shard(val_loader, cfg.seed or 0, train=False)
@@ -256,12 +262,20 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
         ck.EPOCH_ORDER_KEY: position,
         ck.CONFIG_KEY: Fixed(cfg.to_plain()),
         ck.OPTIMIZER_SPEC_KEY: Fixed(opt_spec),
+        ck.CLASS_WEIGHTS_KEY: class_weights,
         ck.RECOVERY_KEY: monitor,  # last: a snapshot saved without weights takes the loaded ones
     }
-    return RunParts(model=model, opt_spec=opt_spec, val_loader=val_loader, loader=loader, n_batches=n_batches,
+    return RunParts(model=model, opt_spec=opt_spec, val_loader=val_loader, loader=loader,
+                    n_batches=n_batches,
                     steps=steps, scheduler=scheduler, early=early, monitor=monitor,
-                    first_check=first_check, selection=selection, progress=progress, position=position, table=table,
-                    rank=RankState(guard, position, device))
+                    first_check=first_check, selection=selection, progress=progress,
+                    position=position, table=table, rank=RankState(guard, position, device),
+                    class_weights=class_weights)
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (None: it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def _build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, n_batches: int | None

@@ -239,6 +239,11 @@ def check_labels(criterion: Any, model: torch.nn.Module, x: Any, y: Any,
     finally:
         model.train(was_training)
     classes = out.shape[1] if out.dim() > 1 else out.shape[0]
+    weight = getattr(criterion, "weight", None)
+    if weight is not None and weight.numel() != classes:
+        raise ValueError(f"the criterion's class weight has {weight.numel()} entries for a model "
+                         f"with {classes} outputs (class_weights='balanced' counts the classes "
+                         "0..the highest training label, or the dataset's classes)")
     ignore = getattr(criterion, "ignore_index", -100)
     valid = y[y != ignore]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= classes):

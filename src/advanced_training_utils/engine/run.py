@@ -88,7 +88,8 @@ def train_model_advanced(
             stopping has one too). Precision: ``use_mixed_precision``, ``amp_dtype`` (None:
             float16 on CUDA, bfloat16 on CPU). Augmentation: ``use_augmentation``, ``augment``
             (``'audio'``, ``'emotion'``, ``'notes'`` or a callable; with None nothing is applied
-            and a warning is logged), ``augment_options``. Stopping and checks:
+            and a warning is logged), ``augment_options``. Class imbalance (``'balanced'``,
+            :mod:`.balance`): ``class_weights``, ``sampler``. Stopping and checks:
             ``early_stop_patience``, ``min_delta``, ``restore_best_weights``,
             ``check_stability``, ``stability_every``, ``metrics`` (``uar``, ``macro_f1``,
             ``accuracy``, ``per_class_recall``, ``ccc``, ``mae``, torchmetrics objects,
@@ -105,7 +106,8 @@ def train_model_advanced(
         (its best value), ``best_val_loss`` (the best epoch's val loss), ``history`` (a dict per
         epoch), ``stopped_early``, ``epochs_run``, ``best_checkpoint`` and ``last_checkpoint``
         (paths or None), ``grad_stats`` (the clipper's statistics over the run), ``stability``
-        (the last check's findings or None), ``skipped_steps``, ``rollbacks``, ``recovery_events``.
+        (the last check's findings or None), ``skipped_steps``, ``rollbacks``, ``recovery_events``,
+        ``class_weights`` (floats, or None).
 
     Raises:
         TypeError / ValueError: bad options, model, loaders, labels or criterion, named; or a
@@ -423,6 +425,7 @@ class _Run:
             "skipped_steps": p.monitor.skipped_steps,
             "rollbacks": p.monitor.rollbacks,
             "recovery_events": [e.as_dict() for e in p.monitor.events],
+            "class_weights": p.class_weights.as_list(),
         }
 
     def _best_val_loss(self) -> float:
