@@ -73,8 +73,7 @@ def train_model_advanced(
         model: the module to train; it is moved to the device and ends holding the trained
             (by default the best) weights.
         train_loader: iterable of ``(inputs, targets)`` batches (or dicts with those keys).
-        val_loader: the same for validation; None uses the training loss for plateau scheduling,
-            early stopping and best weights (with a warning).
+        val_loader: the same for validation (None: decisions follow the training loss).
         criterion: ``(outputs, targets) -> scalar loss``.
         **options: :class:`TrainOptions`, the fields of :class:`TrainConfig` (which holds the
             defaults; an unknown name is a ``TypeError``). Run: ``epochs``, ``learning_rate``,
