@@ -59,6 +59,11 @@ def _assert_skipped(summary, bad):
     assert summary["data"]["n_skipped"] == len(skipped)
 
 
+def _history(out):
+    """The run's metrics log (one dict per epoch)."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_csv_classification_end_to_end(tmp_path, capsys):
     csv_path, bad = csv_corpus(tmp_path / "c", speakers=6)
     run = tmp_path / "run"
@@ -76,7 +81,8 @@ def test_csv_classification_end_to_end(tmp_path, capsys):
     assert s["test_examples"] == d["split_sizes"]["test"] > 0
     assert sum(d["split_sizes"].values()) == 36          # 6 speakers x 3 emotions x 2 clips
     assert d["crop_seconds"] == 1.0 and d["crop_frames"] == 101   # p90 of 0.4..1.0 s
-    assert d["normalization"] == "utterance" and s["options"]["metrics"] == "accuracy"
+    assert d["normalization"] == "utterance"
+    assert {"val_uar", "val_macro_f1", "val_accuracy"} <= set(_history(run)[-1])
     # independent reference: best checkpoint -> test clips -> scikit-learn
     out, y = _test_predictions(run, csv_path, EmotionRecognizer(n_mels=32, num_classes=3),
                                target="emotion", group_column="speaker")
@@ -107,7 +113,8 @@ def test_csv_regression_end_to_end(tmp_path):
     _assert_skipped(s, bad)
     t = s["test"]
     assert set(t) == {"ccc", "mae", "ccc_valence", "ccc_arousal", "mae_valence", "mae_arousal"}
-    assert s["data"]["task"] == "regression" and s["options"]["metrics"] is None
+    assert s["data"]["task"] == "regression"
+    assert {"val_ccc", "val_mae"} <= set(_history(run)[-1])
     out, y = _test_predictions(run, csv_path, EmotionRegressor(n_mels=32, num_targets=2),
                                target="valence,arousal", group_column="speaker")
     x, y = out.double().numpy(), y.double().numpy()

@@ -132,8 +132,15 @@ def plan_audio(spec: DataSpec) -> AudioPlan:
 
 
 def train_defaults(plan: AudioPlan | None) -> dict[str, Any]:
-    """The training defaults for ``plan``: validation accuracy is logged for classification."""
-    extra = {"metrics": "accuracy"} if plan is not None and plan.kind == "classification" else {}
+    """The training defaults for ``plan``: the field's validation metrics are logged (UAR,
+    macro-F1 and accuracy for classification; CCC and MAE for regression). Model selection
+    follows the validation loss unless ``--set monitor=val_uar --set mode=max`` says otherwise."""
+    if plan is None:
+        extra: dict[str, Any] = {}
+    elif plan.kind == "classification":
+        extra = {"metrics": ["uar", "macro_f1", "accuracy"]}
+    else:
+        extra = {"metrics": ["ccc", "mae"]}
     return {**AUDIO_TRAIN_DEFAULTS, **extra}
 
 
