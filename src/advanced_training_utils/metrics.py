@@ -170,6 +170,14 @@ class _SumStats:
     def _numel(self, size: int) -> int:
         raise NotImplementedError
 
+    def _setup(self, size: int | None, names: Sequence[str] | None, report: Sequence[str],
+               device: Any) -> None:
+        """A subclass constructor's work: check the size, the names and the report, start."""
+        size, names = _size_and_names(self._size_name, size, self._names_arg, names, self._low)
+        setattr(self, self._names_arg, names)
+        self.report = _report("report", report, self._allowed)
+        _SumStats.__init__(self, size, device)
+
     def reset(self) -> None:
         """Zero the statistics (start of an epoch); the inferred size is kept."""
         if self._size is None:
@@ -258,6 +266,17 @@ def _read(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(values, host.tolist()))
 
 
+def _size_and_names(size_arg: str, size: int | None, names_arg: str,
+                    names: Sequence[str] | None, low: int) -> tuple[int | None, Any]:
+    """``(size, names)`` checked together: the size is given, or taken from the names."""
+    if size is not None:
+        size = check_int(size_arg, size, low=low)
+    names = _names(names_arg, names, size)
+    if size is None and names is not None:
+        size = check_int(f"len({names_arg})", len(names), low=low)
+    return size, names
+
+
 # ---------------------------------------------------------------- classification
 class ClassificationStats(_SumStats):
     """Confusion-matrix accumulator -> ``accuracy``, ``uar``, ``macro_f1``, ``recall_<class>``.
@@ -273,21 +292,13 @@ class ClassificationStats(_SumStats):
     (row = true class, column = predicted class).
     """
 
-    _size_name = "num_classes"
+    _size_name, _names_arg, _low, _allowed = "num_classes", "class_names", 2, _CLASSIFICATION
 
     def __init__(self, num_classes: int | None = None, *, class_names: Sequence[str] | None = None,
                  report: Sequence[str] = _CLASSIFICATION, device: Any = None) -> None:
-        if num_classes is not None:
-            num_classes = check_int("num_classes", num_classes, low=2)
-        self.class_names = _names("class_names", class_names, num_classes)
-        if num_classes is None and self.class_names is not None:
-            num_classes = check_int("len(class_names)", len(self.class_names), low=2)
-        self.report = _report("report", report, _CLASSIFICATION)
-        super().__init__(num_classes, device)
+        self._setup(num_classes, class_names, report, device)
 
-    @property
-    def num_classes(self) -> int | None:
-        return self._size
+    num_classes = property(lambda self: self._size, doc="C (None until the first update).")
 
     def _numel(self, size: int) -> int:
         return size * size
@@ -439,22 +450,14 @@ class RegressionStats(_SumStats):
     magnitude.
     """
 
-    _size_name = "num_targets"
+    _size_name, _names_arg, _low, _allowed = "num_targets", "target_names", 1, _REGRESSION
 
     def __init__(self, num_targets: int | None = None, *,
                  target_names: Sequence[str] | None = None,
                  report: Sequence[str] = _REGRESSION, device: Any = None) -> None:
-        if num_targets is not None:
-            num_targets = check_int("num_targets", num_targets, low=1)
-        self.target_names = _names("target_names", target_names, num_targets)
-        if num_targets is None and self.target_names is not None:
-            num_targets = check_int("len(target_names)", len(self.target_names), low=1)
-        self.report = _report("report", report, _REGRESSION)
-        super().__init__(num_targets, device)
+        self._setup(num_targets, target_names, report, device)
 
-    @property
-    def num_targets(self) -> int | None:
-        return self._size
+    num_targets = property(lambda self: self._size, doc="K (None until the first update).")
 
     def _numel(self, size: int) -> int:
         return 1 + 6 * size

@@ -78,43 +78,38 @@ _GUARD = "the bad-step guard's saved window and threshold depend on it"
 #: the new value is used; a ``FIXED`` option that changed raises ``ValueError`` before anything
 #: is loaded (pass the saved value, or ``resume=False`` for a fresh run). Adding an option
 #: without a rule here fails ``tests/test_resume.py``.
+def _same(rule: str, why: str, *names: str) -> dict[str, tuple[str, str]]:
+    """One rule and reason for several options."""
+    return {name: (rule, why) for name in names}
+
+
 RESUME_RULES: dict[str, tuple[str, str]] = {
     "epochs": (APPLIES, "the run's length; a schedule whose horizon came from epochs (cosine "
                "without T_max, onecycle) keeps its saved horizon"),
     "learning_rate": (FIXED, "the LR lives in the optimizer's and scheduler's saved state"),
     "device": (APPLIES, "the checkpoint is loaded onto the new device"),
-    "checkpoint_dir": (APPLIES, "checkpoints and the metrics log are written to the new place"),
-    "model_name": (APPLIES, "checkpoints and the metrics log are written under the new name"),
+    **_same(APPLIES, "checkpoints and the metrics log are written to the new place or name",
+            "checkpoint_dir", "model_name"),
     "optimizer": (FIXED, "compared by type and hyperparameters (resume.check_optimizer), "
                   "since the optimizer's state is restored"),
     "weight_decay": (FIXED, "restored with the optimizer's param groups"),
     "accumulation_steps": (FIXED, "the position in the epoch and the schedule count in steps"),
     "seed": (FIXED, "the data order and augmentation streams were drawn from it"),
-    "use_scheduler": (FIXED, _SCHEDULE),
-    "scheduler_type": (FIXED, _SCHEDULE),
-    "plateau_patience": (FIXED, _SCHEDULE),
-    "factor": (FIXED, _SCHEDULE),
-    "T_max": (FIXED, _SCHEDULE),
-    "gamma": (FIXED, _SCHEDULE),
-    "step_size": (FIXED, _SCHEDULE),
-    "min_lr": (FIXED, _SCHEDULE),
-    "max_lr": (FIXED, _SCHEDULE),
-    "pct_start": (FIXED, _SCHEDULE),
-    "warmup_steps": (FIXED, _SCHEDULE),
+    **_same(FIXED, _SCHEDULE, "use_scheduler", "scheduler_type", "plateau_patience", "factor",
+            "T_max", "gamma", "step_size", "min_lr", "max_lr", "pct_start", "warmup_steps"),
     "gradient_clip": (APPLIES, "the new threshold clips from the first step after resuming"),
-    "use_mixed_precision": (FIXED, "the loss scaler's state belongs to the saved precision"),
-    "amp_dtype": (FIXED, "the loss scaler's state belongs to the saved precision"),
-    "use_augmentation": (FIXED, "the augmentation's random streams are restored"),
-    "augment": (FIXED, "the augmentation's random streams are restored"),
-    "augment_options": (FIXED, "the augmentation's random streams are restored"),
+    **_same(FIXED, "the loss scaler's state belongs to the saved precision",
+            "use_mixed_precision", "amp_dtype"),
+    **_same(FIXED, "the augmentation's random streams are restored",
+            "use_augmentation", "augment", "augment_options"),
     "class_weights": (FIXED, "the loss each step minimises; the saved weights are restored"),
     "sampler": (FIXED, "the data each epoch draws, and the recorded order and generators"),
     "early_stop_patience": (APPLIES, "early stopping keeps its count of bad epochs and stops "
                             "when it reaches the new patience"),
     "min_delta": (APPLIES, "improvements from now on are judged with the new min_delta"),
     "restore_best_weights": (APPLIES, "decides what the model holds at the end"),
-    "check_stability": (APPLIES, "stability checks from the next epoch"),
-    "stability_every": (APPLIES, "stability checks from the next epoch"),
+    **_same(APPLIES, "stability checks from the next epoch", "check_stability",
+            "stability_every"),
     "metrics": (APPLIES, "validation metrics from the next evaluation"),
     "monitor": (FIXED, "the best value so far and early stopping's and the plateau "
                 "scheduler's saved bests are values of the monitored key"),
@@ -122,13 +117,10 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "checkpoint_every_n_steps": (APPLIES, "step checkpoints from now on"),
     "keep_last": (APPLIES, "rotation from the next checkpoint"),
     "handle_signals": (APPLIES, "signal handling for this process"),
-    "recovery": (FIXED, _GUARD),
-    "spike_factor": (FIXED, _GUARD),
-    "spike_window": (FIXED, _GUARD),
-    "rollback_after": (APPLIES, "used by the next recovery check"),
-    "rollback_lr_factor": (APPLIES, "used by the next rollback"),
+    **_same(FIXED, _GUARD, "recovery", "spike_factor", "spike_window"),
+    **_same(APPLIES, "used by the next recovery check or rollback", "rollback_after",
+            "rollback_lr_factor", "divergence_factor"),
     "max_rollbacks": (APPLIES, "the rollbacks already made count against the new limit"),
-    "divergence_factor": (APPLIES, "used by the next recovery check"),
     "recovery_check_every": (APPLIES, "recovery checks every N optimizer steps from now on"),
     "dist_timeout": (APPLIES, "the process group of this run"),
     "resume": (NOT_COMPARED, "the option that asks for the resume"),
