@@ -6,7 +6,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from advanced_training_utils.app.cli import main
 from advanced_training_utils.checkpoint import EPOCH_KEY, STEP_KEY, load_checkpoint
@@ -28,6 +30,7 @@ def test_presets_lists_all(capsys):
         assert name in out
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_train_emotion_writes_run_dir_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--task", "emotion", "--preset", "fast", "--out", str(out), *FAST]) == 0
@@ -38,11 +41,57 @@ def test_train_emotion_writes_run_dir_and_resumes(tmp_path, capsys):
     assert s["task"] == "emotion" and s["epochs_run"] == 1 and 0 <= s["test_accuracy"] <= 1
     assert s["options"]["scheduler_type"] == "onecycle"
     assert "held-out test accuracy" in capsys.readouterr().out
+    _assert_test_metrics_equal_scikit_learn(out, s)
+    _assert_report_panels(out, s)
     # Resume to 2 epochs: continues the same run.
     assert main(["train", "--task", "emotion", "--preset", "fast", "--out", str(out), "--resume",
                  "--quiet", "--epochs", "2", "--set", "per_piece=1", "--device", "cpu"]) == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+
+
+def _assert_test_metrics_equal_scikit_learn(out, s):
+    """summary.json's test metrics = scikit-learn on the best weights' test predictions."""
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        recall_score,
+    )
+
+    from advanced_training_utils.app.tasks import build_task
+    from advanced_training_utils.checkpoint import MODEL_KEY, load_checkpoint
+
+    task = build_task("emotion", s["seed"], s["task_options"])
+    task.model.load_state_dict(load_checkpoint(out / "checkpoints" / "emotion_best.pt")[MODEL_KEY])
+    x, y = task.test_loader.dataset.tensors
+    with torch.no_grad():
+        pred = task.model.eval()(x).argmax(1).numpy()
+    y = y.numpy()
+    t = s["test"]
+    assert t["class_names"] == ["happy", "calm", "sad", "tense"] == s["classes"]
+    assert t["accuracy"] == pytest.approx((pred == y).mean(), abs=1e-12) == s["test_accuracy"]
+    assert t["uar"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-12)
+    assert t["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"), abs=1e-12)
+    recall = recall_score(y, pred, labels=range(4), average=None, zero_division=np.nan)
+    mine = [np.nan if t["per_class_recall"][c] is None else t["per_class_recall"][c]
+            for c in t["class_names"]]
+    assert mine == pytest.approx(list(recall), abs=1e-12, nan_ok=True)
+    assert t["confusion_matrix"] == confusion_matrix(y, pred, labels=range(4)).tolist()
+
+
+def _assert_report_panels(out, s):
+    """The report of a built-in emotion run: confusion, recall and the training inputs."""
+    from advanced_training_utils.app.report import build_report_figure, load_run_details
+
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    fig = build_report_figure(history, details=load_run_details(out, s, s["options"], history))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "test confusion matrix (rows normalised; counts)" in titles
+    assert f"test recall per class (dashed: UAR {s['test']['uar']:.3f})" in titles
+    assert titles[-3:] == [f"training input {i}: as loaded (no augmentation in this run)"
+                           for i in (1, 2, 3)]   # the fast preset does not augment
+    assert "gradient norm (no clipping)" in titles  # nor clip
 
 
 def test_train_notes_with_yaml_config_and_set(tmp_path, capsys):
