@@ -423,6 +423,48 @@ def test_report_reads_a_python_api_run(tmp_path, capsys):
             "learning rate.") in txt.read_text().splitlines()
 
 
+def test_report_of_an_api_run_has_the_history_panels_and_its_clip_line(tmp_path):
+    from advanced_training_utils.app.cli import _config_from_checkpoint, _read_history
+    from advanced_training_utils.app.report import build_report_figure, load_run_details
+
+    ckpt = tmp_path / "ckpt"
+    res = _api_run(ckpt, "tiny", epochs=3, gradient_clip=0.25)
+    history = _read_history(ckpt / "tiny_metrics.jsonl")
+    details = load_run_details(ckpt, None, _config_from_checkpoint(ckpt, "tiny"), history)
+    assert (details.best_epoch, details.gradient_clip) == (res["best_epoch"], 0.25)
+    assert details.test is details.predictions is details.inputs is None
+    fig = build_report_figure(history, details=details)
+    assert [ax.get_title() for ax in fig.axes] == [
+        "loss", "learning rate (end of epoch)", "gradient norm (before clipping)",
+        "fraction of steps clipped"]
+    clip = [ln for ln in fig.axes[2].lines if ln.get_label() == "clip threshold 0.25"]
+    assert list(clip[0].get_ydata()) == [0.25, 0.25]
+
+
+def test_report_of_an_older_run_without_the_new_summary_keys(tmp_path, capsys):
+    """A summary.json written before the test metrics, confusion and samples existed."""
+    from advanced_training_utils.app.cli import _read_history
+    from advanced_training_utils.app.report import build_report_figure, load_run_details
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(json.dumps(
+        {"epoch": i, "train_loss": 1 / i, "val_loss": 1 / i, "val_accuracy": 0.5, "lr": 1e-3,
+         "grad_norm_mean": 1.0, "grad_norm_max": 2.0, "clip_fraction": 0.0, "skipped_steps": 0,
+         "improved": True}) + "\n" for i in range(1, 4)))
+    old = {"task": "emotion", "preset": "stable", "test_accuracy": 0.9, "best_epoch": 3,
+           "confusion": [[1, 0], [0, 1]], "classes": ["a", "b"],
+           "options": {"gradient_clip": 1.0, "use_augmentation": True, "augment": "audio"}}
+    (out / "summary.json").write_text(json.dumps(old))
+    assert main(["report", str(out)]) == 0 and (out / "report.png").is_file()
+    history = _read_history(out / "metrics.jsonl")
+    fig = build_report_figure(history, details=load_run_details(out, old, old["options"],
+                                                                history))
+    assert [ax.get_title() for ax in fig.axes] == [
+        "loss", "validation metrics", "learning rate (end of epoch)",
+        "gradient norm (before clipping)", "fraction of steps clipped"]
+
+
 def test_report_skips_a_last_line_cut_short_by_a_crash(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     _api_run(ckpt, "tiny", epochs=3)
