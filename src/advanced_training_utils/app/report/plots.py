@@ -184,7 +184,8 @@ def _recall(ax: Axes, test: Mapping[str, Any]) -> None:
     names = list(recall)
     values = [math.nan if recall[n] is None else float(recall[n]) for n in names]
     bars = ax.bar(names, values, color="tab:blue")
-    ax.bar_label(bars, [("n/a" if math.isnan(v) else f"{v:.2f}") for v in values], fontsize=8)
+    ax.bar_label(bars, [("" if math.isnan(v) else f"{v:.2f}") for v in values], fontsize=8,
+                 label_type="center", color="white")  # inside: clear of the UAR line
     uar = test.get("uar")
     if uar is not None:
         ax.axhline(uar, color="tab:red", ls="--", lw=1.2, label=f"UAR {uar:.3f}")
