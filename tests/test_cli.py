@@ -6,7 +6,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from advanced_training_utils.app.cli import main
 from advanced_training_utils.checkpoint import EPOCH_KEY, STEP_KEY, load_checkpoint
@@ -28,6 +30,7 @@ def test_presets_lists_all(capsys):
         assert name in out
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_train_emotion_writes_run_dir_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--task", "emotion", "--preset", "fast", "--out", str(out), *FAST]) == 0
@@ -38,11 +41,57 @@ def test_train_emotion_writes_run_dir_and_resumes(tmp_path, capsys):
     assert s["task"] == "emotion" and s["epochs_run"] == 1 and 0 <= s["test_accuracy"] <= 1
     assert s["options"]["scheduler_type"] == "onecycle"
     assert "held-out test accuracy" in capsys.readouterr().out
+    _assert_test_metrics_equal_scikit_learn(out, s)
+    _assert_report_panels(out, s)
     # Resume to 2 epochs: continues the same run.
     assert main(["train", "--task", "emotion", "--preset", "fast", "--out", str(out), "--resume",
                  "--quiet", "--epochs", "2", "--set", "per_piece=1", "--device", "cpu"]) == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+
+
+def _assert_test_metrics_equal_scikit_learn(out, s):
+    """summary.json's test metrics = scikit-learn on the best weights' test predictions."""
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        recall_score,
+    )
+
+    from advanced_training_utils.app.tasks import build_task
+    from advanced_training_utils.checkpoint import MODEL_KEY, load_checkpoint
+
+    task = build_task("emotion", s["seed"], s["task_options"])
+    task.model.load_state_dict(load_checkpoint(out / "checkpoints" / "emotion_best.pt")[MODEL_KEY])
+    x, y = task.test_loader.dataset.tensors
+    with torch.no_grad():
+        pred = task.model.eval()(x).argmax(1).numpy()
+    y = y.numpy()
+    t = s["test"]
+    assert t["class_names"] == ["happy", "calm", "sad", "tense"] == s["classes"]
+    assert t["accuracy"] == pytest.approx((pred == y).mean(), abs=1e-12) == s["test_accuracy"]
+    assert t["uar"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-12)
+    assert t["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"), abs=1e-12)
+    recall = recall_score(y, pred, labels=range(4), average=None, zero_division=np.nan)
+    mine = [np.nan if t["per_class_recall"][c] is None else t["per_class_recall"][c]
+            for c in t["class_names"]]
+    assert mine == pytest.approx(list(recall), abs=1e-12, nan_ok=True)
+    assert t["confusion_matrix"] == confusion_matrix(y, pred, labels=range(4)).tolist()
+
+
+def _assert_report_panels(out, s):
+    """The report of a built-in emotion run: confusion, recall and the training inputs."""
+    from advanced_training_utils.app.report import build_report_figure, load_run_details
+
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    fig = build_report_figure(history, details=load_run_details(out, s, s["options"], history))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "test confusion matrix (rows normalised; counts)" in titles
+    assert f"test recall per class (dashed: UAR {s['test']['uar']:.3f})" in titles
+    assert titles[-3:] == [f"training input {i}: as loaded (no augmentation in this run)"
+                           for i in (1, 2, 3)]   # the fast preset does not augment
+    assert "gradient norm (no clipping)" in titles  # nor clip
 
 
 def test_train_notes_with_yaml_config_and_set(tmp_path, capsys):
@@ -376,6 +425,48 @@ def test_report_reads_a_python_api_run(tmp_path, capsys):
     assert main(["report", str(ckpt)]) == 0
     assert ("  remedies: gradient clipping is on (max_norm=0.25): lower max_norm; reduce the "
             "learning rate.") in txt.read_text().splitlines()
+
+
+def test_report_of_an_api_run_has_the_history_panels_and_its_clip_line(tmp_path):
+    from advanced_training_utils.app.cli import _config_from_checkpoint, _read_history
+    from advanced_training_utils.app.report import build_report_figure, load_run_details
+
+    ckpt = tmp_path / "ckpt"
+    res = _api_run(ckpt, "tiny", epochs=3, gradient_clip=0.25)
+    history = _read_history(ckpt / "tiny_metrics.jsonl")
+    details = load_run_details(ckpt, None, _config_from_checkpoint(ckpt, "tiny"), history)
+    assert (details.best_epoch, details.gradient_clip) == (res["best_epoch"], 0.25)
+    assert details.test is details.predictions is details.inputs is None
+    fig = build_report_figure(history, details=details)
+    assert [ax.get_title() for ax in fig.axes] == [
+        "loss", "learning rate (end of epoch)", "gradient norm (before clipping)",
+        "fraction of steps clipped"]
+    clip = [ln for ln in fig.axes[2].lines if ln.get_label() == "clip threshold 0.25"]
+    assert list(clip[0].get_ydata()) == [0.25, 0.25]
+
+
+def test_report_of_an_older_run_without_the_new_summary_keys(tmp_path, capsys):
+    """A summary.json written before the test metrics, confusion and samples existed."""
+    from advanced_training_utils.app.cli import _read_history
+    from advanced_training_utils.app.report import build_report_figure, load_run_details
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(json.dumps(
+        {"epoch": i, "train_loss": 1 / i, "val_loss": 1 / i, "val_accuracy": 0.5, "lr": 1e-3,
+         "grad_norm_mean": 1.0, "grad_norm_max": 2.0, "clip_fraction": 0.0, "skipped_steps": 0,
+         "improved": True}) + "\n" for i in range(1, 4)))
+    old = {"task": "emotion", "preset": "stable", "test_accuracy": 0.9, "best_epoch": 3,
+           "confusion": [[1, 0], [0, 1]], "classes": ["a", "b"],
+           "options": {"gradient_clip": 1.0, "use_augmentation": True, "augment": "audio"}}
+    (out / "summary.json").write_text(json.dumps(old))
+    assert main(["report", str(out)]) == 0 and (out / "report.png").is_file()
+    history = _read_history(out / "metrics.jsonl")
+    fig = build_report_figure(history, details=load_run_details(out, old, old["options"],
+                                                                history))
+    assert [ax.get_title() for ax in fig.axes] == [
+        "loss", "validation metrics", "learning rate (end of epoch)",
+        "gradient norm (before clipping)", "fraction of steps clipped"]
 
 
 def test_report_skips_a_last_line_cut_short_by_a_crash(tmp_path, capsys):

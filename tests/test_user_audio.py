@@ -16,12 +16,19 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    recall_score,
+)
 
 from _audio_corpus import EMOTIONS, csv_corpus, folder_corpus
 from advanced_training_utils import LogMel, load_audio_splits
 from advanced_training_utils.app.cli import main
 from advanced_training_utils.app.models import EmotionRecognizer, EmotionRegressor
+from advanced_training_utils.app.report import build_report_figure, load_run_details
 from advanced_training_utils.checkpoint import MODEL_KEY, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +81,9 @@ def test_csv_classification_end_to_end(tmp_path, capsys):
     _assert_skipped(s, {**bad, "missing": tmp_path / "c" / "wav" / "bad" / "missing.wav"})
     assert s["task"] == "audio" and s["data"]["task"] == "classification"
     t = s["test"]
-    assert set(t) == {"uar", "macro_f1", "accuracy", "per_class_recall"}
-    assert set(t["per_class_recall"]) == set(EMOTIONS)
+    assert set(t) == {"uar", "macro_f1", "accuracy", "per_class_recall", "confusion_matrix",
+                      "class_names"}
+    assert set(t["per_class_recall"]) == set(EMOTIONS) and t["class_names"] == sorted(EMOTIONS)
     # the split sizes, length, normalisation are in the summary; the whole test split counted
     d = s["data"]
     assert s["test_examples"] == d["split_sizes"]["test"] > 0
@@ -95,6 +103,7 @@ def test_csv_classification_end_to_end(tmp_path, capsys):
     for k, name in enumerate(sorted(EMOTIONS)):
         expected = None if np.isnan(recall[k]) else pytest.approx(recall[k], abs=1e-12)
         assert t["per_class_recall"][name] == expected
+    assert t["confusion_matrix"] == confusion_matrix(y, pred, labels=labels).tolist()
     assert "held-out test UAR" in capsys.readouterr().out
 
 
@@ -123,6 +132,16 @@ def test_csv_regression_end_to_end(tmp_path):
     assert t["ccc_arousal"] == pytest.approx(per[1], abs=1e-6)
     assert t["ccc"] == pytest.approx(np.mean(per), abs=1e-6)
     assert t["mae"] == pytest.approx(np.abs(x - y).mean(), abs=1e-6)
+    # the report's sample: every test clip (a small split), predicted and true as evaluated
+    sample = np.load(run / "test_predictions.npz")
+    assert list(sample["target_names"]) == ["valence", "arousal"]
+    np.testing.assert_allclose(sample["true"], y, atol=1e-6)
+    np.testing.assert_allclose(sample["predicted"], x, atol=1e-5)
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    fig = build_report_figure(history, details=load_run_details(run, s, s["options"], history))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert [x for x in titles if x.startswith("test ")] == [f"test valence: CCC {t['ccc_valence']:.3f}",
+                           f"test arousal: CCC {t['ccc_arousal']:.3f}"]
 
 
 def test_folder_layout_end_to_end_and_report(tmp_path, capsys):
@@ -133,7 +152,8 @@ def test_folder_layout_end_to_end_and_report(tmp_path, capsys):
     _assert_run_files(run)
     _assert_skipped(s, bad)
     assert s["data"]["layout"] == "folder" and s["data"]["class_names"] == sorted(EMOTIONS)
-    assert set(s["test"]) == {"uar", "macro_f1", "accuracy", "per_class_recall"}
+    assert set(s["test"]) == {"uar", "macro_f1", "accuracy", "per_class_recall",
+                              "confusion_matrix", "class_names"}
     (run / "report.png").unlink()
     assert main(["report", str(run)]) == 0
     assert (run / "report.png").stat().st_size > 0

@@ -15,13 +15,16 @@
 Options are layered, later wins: the task's defaults, the preset, the YAML config file, ``--set``,
 then the explicit flags (``--epochs``, ``--seed``, ``--device``). ``seed`` follows the same rule
 (``--seed`` > ``--set seed=`` > the config file > 0). A run directory holds ``checkpoints/``,
-``metrics.jsonl``, ``summary.json``, ``report.png`` and ``diagnosis.txt``.
+``metrics.jsonl``, ``summary.json``, ``report.png`` and ``diagnosis.txt`` (and, for the report,
+``train_samples.npz``: a few training spectrograms; ``test_predictions.npz`` for regression).
+Classification runs (``--task emotion`` and ``--data``) hold ``"test": {"uar", "macro_f1",
+"accuracy", "per_class_recall", "confusion_matrix", "class_names"}`` in summary.json.
 
 ``--data`` (instead of ``--task``) trains on your own audio (:mod:`.usertask`): a labels CSV
 (paths relative to its folder; one non-numeric ``--target`` column gives classification, one or
 more numeric ones, ``--target valence,arousal``, regression) or a folder with one subfolder per
 class. Its summary.json holds the held-out test metrics as ``"test": {"uar", "macro_f1",
-"accuracy", "per_class_recall": {...}}`` or ``"test": {"ccc", "ccc_<target>", "mae", ...}``,
+"accuracy", "per_class_recall": {...}, "confusion_matrix", "class_names"}`` or ``"test": {"ccc", "ccc_<target>", "mae", ...}``,
 and under ``"data"`` the split sizes, the training length (``crop_seconds``, ``crop_frames``),
 the normalisation, the feature parameters and the skipped files with their problem. Its task
 options (``--set``): batch_size, n_mels, features (speech / chorale), crop_seconds,
@@ -505,6 +508,7 @@ def _out_dir(text: str) -> Path:
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from ..engine.distributed import env_world_size
     from ..engine.run import resolve_device, train_model_advanced
+    from .report.samples import save_train_samples
 
     if args.nproc_per_node < 1:
         raise CLIError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
@@ -528,8 +532,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 evaluates and writes the summary and report
     device = resolve_device(options.get("device", "auto"))
+    if options.get("augment") == "audio":  # spectrogram inputs: a few for the report
+        save_train_samples(task.train_loader, out)
     summary = {"task": name, "preset": args.preset, **_run_summary(res, options, device),
-               **task.evaluate_test(task.model, device),
+               **task.evaluate_test(task.model, device, out),
                "world_size": env_world_size(), "data": task.info,
                "data_seconds": round(data_seconds, 2),
                "wall_seconds": round(time.perf_counter() - t0, 2),
@@ -649,7 +655,7 @@ def _read_history(metrics: Path) -> list[dict[str, Any]]:
 
 def _write_report(run_dir: Path, model_name: str | None = None) -> tuple[str, Path]:
     """Write the report of the run in ``run_dir``; return (diagnosis text, PNG path)."""
-    from .report import diagnose, format_diagnosis, plot_history
+    from .report import diagnose, format_diagnosis, load_run_details, plot_history
 
     metrics, name = _find_metrics(run_dir, model_name)
     history = _read_history(metrics)
@@ -667,7 +673,9 @@ def _write_report(run_dir: Path, model_name: str | None = None) -> tuple[str, Pa
     title = name or where.name
     if s is not None:
         title = f"{s.get('task')} / {s.get('preset')}: " + _test_title(s)
-    png = plot_history(history, where / f"{prefix}report.png", title=title, diagnosis=text)
+    details = load_run_details(where, s, config, history)
+    png = plot_history(history, where / f"{prefix}report.png", title=title, diagnosis=text,
+                       details=details)
     return text, png
 
 

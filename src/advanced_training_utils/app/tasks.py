@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .data import EMOTION_CLASSES, emotion_dataset, notes_dataset
+from .evaluation import classification_test
 from .models import EmotionRecognizer, NoteGenerator
 
 __all__ = ["TASKS", "TASK_OPTIONS", "Task", "build_task"]
@@ -43,7 +45,9 @@ class Task:
     val_loader: DataLoader
     test_loader: DataLoader | None
     criterion: Callable[..., torch.Tensor]
-    evaluate_test: Callable[[torch.nn.Module, torch.device], dict[str, Any]]
+    #: ``evaluate_test(model, device, out_dir=None)``: the held-out entries of summary.json;
+    #: with ``out_dir`` (the run directory) it may also write the report's files there.
+    evaluate_test: Callable[..., dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -61,20 +65,15 @@ def _emotion(seed: int, opts: dict[str, Any]) -> Task:
     d = emotion_dataset(seed=seed, per_piece=opts["per_piece"])
     tl, vl, te = _loaders([d["mel"], d["label"]], d["split"], opts["batch_size"])
 
-    @torch.no_grad()
-    def evaluate_test(model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
-        model.eval()
-        correct = total = 0
-        confusion = torch.zeros(4, 4, dtype=torch.long)
-        for x, y in te:
-            pred = model(x.to(device)).argmax(-1).cpu()
-            correct += int((pred == y).sum())
-            total += len(y)
-            confusion += torch.bincount(y * 4 + pred, minlength=16).view(4, 4)
+    def evaluate_test(model: torch.nn.Module, device: torch.device,
+                      out_dir: Path | None = None) -> dict[str, Any]:
+        test = classification_test(model, te, device, EMOTION_CLASSES)
+        total = len(te.dataset)  # type: ignore[arg-type]
         counts = torch.bincount(d["label"][d["split"] == 2], minlength=4)
-        return {"test_accuracy": correct / total, "test_examples": total,
+        return {"test_accuracy": test["accuracy"], "test_examples": total,
                 "majority_baseline_accuracy": float(counts.max()) / total,
-                "classes": list(EMOTION_CLASSES), "confusion": confusion.tolist()}
+                "classes": list(EMOTION_CLASSES), "confusion": test["confusion_matrix"],
+                "test": test}
 
     info = {"train_examples": len(tl.dataset), "val_examples": len(vl.dataset),
             "test_examples": len(te.dataset), "input_shape": list(d["mel"].shape[1:])}
@@ -88,7 +87,8 @@ def _notes(seed: int, opts: dict[str, Any]) -> Task:
     train_mean = d["notes"][d["split"] == 0].mean(0)
 
     @torch.no_grad()
-    def evaluate_test(model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    def evaluate_test(model: torch.nn.Module, device: torch.device,
+                      out_dir: Path | None = None) -> dict[str, Any]:
         model.eval()
         bce = torch.nn.functional.binary_cross_entropy
         x, y = te.dataset.tensors

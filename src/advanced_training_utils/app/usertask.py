@@ -15,14 +15,15 @@ The training loader draws its order from a generator seeded with the run's seed 
 :class:`~.audio.EpochSampler`, which passes each epoch to the dataset (a new random crop per clip
 per epoch). The test split is evaluated whole (every clip, its centre window of the training
 length, or the whole clip with ``eval_crop="whole"``) with :mod:`advanced_training_utils.metrics`
-(epoch-level statistics, not batch means): ``{"uar", "macro_f1", "accuracy",
-"per_class_recall": {class: recall}}`` for classification (a class absent from the test split has
-recall None), ``{"ccc", "ccc_<target>", "mae", "mae_<target>"}`` for regression.
+(epoch-level statistics, not batch means; :mod:`.evaluation`): ``{"uar", "macro_f1", "accuracy",
+"per_class_recall": {class: recall}, "confusion_matrix", "class_names"}`` for classification (a
+class absent from the test split has recall None), ``{"ccc", "ccc_<target>", "mae",
+"mae_<target>"}`` for regression, with a sample of the test predictions in the run directory's
+``test_predictions.npz`` for the report's scatter plots.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from .._validate import check_choice, check_int, check_real
-from ..metrics import EpochMetrics, nest_per_class, resolve_metrics
 from .audio import EpochSampler, LogMel, load_audio_splits
 from .audio.corpus import Corpus, read_csv_corpus, read_folder_corpus
 from .audio.features import ON_ERROR
 from .audio.normalize import NORMALIZATIONS
 from .audio.options import EVAL_CROPS
 from .audio.targets import encode_targets
+from .evaluation import classification_test, regression_test
 from .models import EmotionRecognizer, EmotionRegressor
 from .tasks import Task
 
@@ -171,31 +172,15 @@ def make_logmel(opts: dict[str, Any]) -> LogMel:
     return LogMel(n_mels=opts["n_mels"])
 
 
-def _json_number(v: float) -> float | None:
-    return None if math.isnan(v) else v
-
-
-def _metrics_for(plan: AudioPlan) -> EpochMetrics:
-    if plan.kind == "classification":
-        return resolve_metrics(["accuracy", "uar", "macro_f1", "per_class_recall"],
-                               num_classes=len(plan.class_names or []),
-                               class_names=plan.class_names)
-    return resolve_metrics(["ccc", "mae"], num_targets=len(plan.target_names),
-                           target_names=plan.target_names)
-
-
 def _evaluator(plan: AudioPlan, loader: DataLoader | None) -> Any:
-    @torch.no_grad()
-    def evaluate_test(model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    def evaluate_test(model: torch.nn.Module, device: torch.device,
+                      out_dir: Path | None = None) -> dict[str, Any]:
         if loader is None or len(loader.dataset) == 0:  # type: ignore[arg-type]
             return {"test": None, "test_examples": 0}
-        model.eval()
-        metrics = _metrics_for(plan)
-        for x, y in loader:
-            metrics.update(model(x.to(device)).float(), y.to(device))
-        values = {k: _json_number(v) for k, v in metrics.compute().items()}
         if plan.kind == "classification":
-            values = nest_per_class(values)
+            values = classification_test(model, loader, device, plan.class_names or [])
+        else:
+            values = regression_test(model, loader, device, plan.target_names, out_dir)
         return {"test": values, "test_examples": len(loader.dataset)}  # type: ignore[arg-type]
 
     return evaluate_test
