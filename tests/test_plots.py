@@ -193,3 +193,14 @@ def test_closes_its_figure(tmp_path):
     before = len(plt.get_fignums())
     plot_history(_history(), tmp_path / "r.png")
     assert len(plt.get_fignums()) == before
+
+
+def test_the_class_weights_show_under_the_recall_bars():
+    details = RunDetails(test=_classification(), class_weights=[0.5, 1.25, 2.0])
+    fig = build_report_figure(_history(), details=details)
+    recall = next(ax for ax in fig.axes if ax.get_title().startswith("test recall per class"))
+    labels = [t.get_text() for t in recall.get_xticklabels()]
+    assert labels == ["happy\nw=0.50", "sad\nw=1.25", "calm\nw=2.00"]
+    plain = build_report_figure(_history(), details=RunDetails(test=_classification()))
+    recall = next(ax for ax in plain.axes if ax.get_title().startswith("test recall per class"))
+    assert [t.get_text() for t in recall.get_xticklabels()] == ["happy", "sad", "calm"]

@@ -44,4 +44,5 @@ def load_run_details(run_dir: Path, summary: Mapping[str, Any] | None,
     augmented, how = augment_samples(inputs, config) if inputs is not None else (None, "")
     return RunDetails(best_epoch=best, gradient_clip=_clip(config), test=test,
                       predictions=load_predictions(run_dir) if summary is not None else None,
-                      inputs=inputs, augmented=augmented, augmentation=how)
+                      inputs=inputs, augmented=augmented, augmentation=how,
+                      class_weights=s.get("class_weights"))

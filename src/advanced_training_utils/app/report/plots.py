@@ -56,6 +56,8 @@ class RunDetails:
         inputs: training inputs ``[N, ...]`` (spectrograms), as loaded.
         augmented: the same inputs after the run's augmentation, or None.
         augmentation: what was done to ``inputs`` (for the titles).
+        class_weights: the loss's class weights (``class_weights='balanced'``), in class order,
+            shown under the recall bars; None: unweighted.
     """
 
     best_epoch: int | None = None
@@ -65,6 +67,7 @@ class RunDetails:
     inputs: np.ndarray | None = None
     augmented: np.ndarray | None = None
     augmentation: str = ""
+    class_weights: Sequence[float] | None = None
 
 
 def _series(history: Sequence[HistoryRow], key: str) -> list[float]:
@@ -179,10 +182,13 @@ def _confusion(ax: Axes, counts: np.ndarray, names: Sequence[str]) -> None:
     ax.set_title("test confusion matrix (rows normalised; counts)")
 
 
-def _recall(ax: Axes, test: Mapping[str, Any]) -> None:
+def _recall(ax: Axes, test: Mapping[str, Any], weights: Sequence[float] | None = None
+            ) -> None:
     recall = test["per_class_recall"]
     names = list(recall)
     values = [math.nan if recall[n] is None else float(recall[n]) for n in names]
+    if weights is not None and len(weights) == len(names):  # the loss's class weights
+        names = [f"{n}\nw={w:.2f}" for n, w in zip(names, weights)]
     bars = ax.bar(names, values, color="tab:blue")
     ax.bar_label(bars, [("" if math.isnan(v) else f"{v:.2f}") for v in values], fontsize=8,
                  label_type="center", color="white")  # inside: clear of the UAR line
@@ -212,7 +218,7 @@ def _test_panels(d: RunDetails) -> list[Panel]:
         counts = np.asarray(test["confusion_matrix"], dtype=float)
         panels.append(lambda ax: _confusion(ax, counts, list(test["class_names"])))
     if isinstance(test.get("per_class_recall"), Mapping) and test["per_class_recall"]:
-        panels.append(lambda ax: _recall(ax, test))
+        panels.append(lambda ax: _recall(ax, test, d.class_weights))
     p = d.predictions
     if p is not None:
         names = list(p["target_names"])
