@@ -109,11 +109,12 @@ def _context(f: dict[str, Any]) -> str:
         return (f"Figures of an existing run (torch {f['torch']}, seed {f['seed']}, "
                 f"{f['device']}); its data cache may have been warm.")
     lb, la = t["load_before"][0], t["load_after"][0]
-    busy = ("other jobs were running, so the times are longer than on an idle machine"
-            if max(lb, la) > 1.0 else "an otherwise idle machine")
+    busy = ("; other jobs were running, so the times are longer than on an idle machine"
+            if lb > 1.0 else "")          # after the run, its own threads are in the average
     return (f"Measured on {t['cpu']}, {t['cpus']} cores (torch {f['torch']}, seed {f['seed']}, "
             f"{f['device']}, `make figures`: `make demo`'s two commands with an empty data "
-            f"cache, {t['date']}; load average {lb:.2f} before, {la:.2f} after: {busy}):")
+            f"cache, {t['date']}; 1-minute load average {lb:.2f} before the run, {la:.2f} after "
+            f"it, the run's own threads included{busy}):")
 
 
 def rows(f: dict[str, Any]) -> list[str]:
