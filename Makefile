@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
 export MALLOC_TRIM_THRESHOLD_ ?= 1073741824
 
-.PHONY: demo test lint bench mutation clean venv
+.PHONY: demo figures test lint bench mutation clean venv
 
 venv: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/advtrain train --task emotion --preset stable --out runs/demo
 	$(BIN)/advtrain report runs/demo
+
+# The README's "What make demo does" figures: make demo's two commands into runs/demo with an
+# empty data cache, then scripts/demo_figures.py rewrites the README block from the run's files.
+figures: $(STAMP)
+	$(BIN)/python scripts/demo_figures.py --run runs/demo --readme README.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -247,6 +247,129 @@ def case_scaling(variant: str) -> dict[str, Any]:
     return {"seconds": (time.perf_counter() - t0) / 2, "samples": 1024 * mult}
 
 
+# ---------------------------------------------------------------- user audio (own-audio issue)
+def write_corpus(folder: Path, n_clips: int = 64) -> list[Path]:
+    """``n_clips`` wavs of 2-4 s at 22.05 / 44.1 kHz, mono / stereo, PCM-16 (a tone in noise)."""
+    import numpy as np
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n_clips):
+        rate, channels = (22050, 44100)[i % 2], 1 + (i // 2) % 2
+        seconds = 2.0 + 2.0 * (i % 5) / 4                     # 2.0, 2.5, ..., 4.0
+        rng = np.random.default_rng(i)
+        t = np.arange(int(seconds * rate)) / rate
+        x = 0.3 * np.sin(2 * np.pi * (150 + 40 * i) * t) + 0.05 * rng.standard_normal(len(t))
+        wave = np.stack([x * (1.0 - 0.3 * c) for c in range(channels)], axis=1)
+        paths.append(folder / f"clip{i:03d}.wav")
+        sf.write(paths[-1], wave.astype(np.float32), rate, subtype="PCM_16")
+    return paths
+
+
+def case_audio_features(variant: str, n_clips: int = 64, reps: int = 5) -> dict[str, Any]:
+    """Seconds to decode + resample (soxr) + log-mel ``n_clips`` files (``FeatureExtractor``,
+    speech ``LogMel``, 16 kHz): ``cold`` with an empty feature cache (the entries are written),
+    ``cached`` with every entry on disk (median of ``reps`` passes; a fresh extractor each)."""
+    from advanced_training_utils.app.audio import FeatureCache, FeatureExtractor, LogMel
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        paths = write_corpus(Path(d) / "wav", n_clips)
+        FeatureExtractor(LogMel(), FeatureCache(enabled=False)).extract_all(paths[:2])  # warm-up
+        if variant == "cached":
+            FeatureExtractor(LogMel(), FeatureCache(Path(d) / "cache")).extract_all(paths)
+        times = []
+        for r in range(reps):
+            cache = FeatureCache(Path(d) / ("cache" if variant == "cached" else f"cold{r}"))
+            t0 = time.perf_counter()
+            got = FeatureExtractor(LogMel(), cache).extract_all(paths, on_error="raise")
+            times.append(time.perf_counter() - t0)
+            if (cache.hits, cache.misses) != ((n_clips, 0) if variant == "cached" else (0, n_clips)):
+                raise RuntimeError(f"{variant}: cache hits {cache.hits}, misses {cache.misses}")
+        assert len(got.kept) == n_clips
+    return {"seconds": sorted(times)[len(times) // 2], "clips": n_clips}
+
+
+def _chorale_clips(n_train: int, n_val: int) -> dict[str, Any]:
+    """The built-in emotion task's first ``n_train`` training and ``n_val`` validation clips
+    (waveforms at 16 kHz, 4 s; one window per chorale)."""
+    import numpy as np
+
+    from advanced_training_utils.app.data import emotion_clips
+
+    c = emotion_clips(seed=0, per_piece=1)
+    idx = np.concatenate([np.flatnonzero(c["split"] == 0)[:n_train],
+                          np.flatnonzero(c["split"] == 1)[:n_val]])
+    split = np.array([0] * n_train + [1] * n_val)
+    return {"wave": c["wave"][idx], "label": c["label"][idx], "split": split}
+
+
+def _builtin_loaders(clips: dict[str, Any]) -> tuple[Any, Any, nn.Module]:
+    """The built-in task's pipeline: log-mels in memory, ``TensorDataset`` loaders (as
+    ``app/tasks.py`` builds them)."""
+    from advanced_training_utils.app.data import LogMel
+    from advanced_training_utils.app.models import EmotionRecognizer
+
+    mel = LogMel()(torch.from_numpy(clips["wave"])).unsqueeze(1).float()   # [N, 1, 64, 251]
+    y = torch.from_numpy(clips["label"]).long()
+    s = torch.from_numpy(clips["split"])
+    ds = [torch.utils.data.TensorDataset(mel[s == k], y[s == k]) for k in (0, 1)]
+    torch.manual_seed(0)
+    return (torch.utils.data.DataLoader(ds[0], batch_size=32, shuffle=True),
+            torch.utils.data.DataLoader(ds[1], batch_size=256), EmotionRecognizer())
+
+
+def _data_task_loaders(clips: dict[str, Any], folder: Path) -> tuple[Any, Any, nn.Module, float]:
+    """The ``--data`` task's pipeline on the same clips written as 16 kHz wavs with a
+    ``labels.csv`` (chorale features, 4 s crops: the built-in mel shape), built twice: the first
+    build fills the feature cache, the second (timed, returned) reads it."""
+    import soundfile as sf
+
+    from advanced_training_utils.app.data import EMOTION_CLASSES
+    from advanced_training_utils.app.usertask import DataSpec, build_audio_task, plan_audio
+
+    rows = ["path,emotion,split"]
+    for i, (w, lab, sp) in enumerate(zip(clips["wave"], clips["label"], clips["split"])):
+        sf.write(folder / f"c{i:04d}.wav", w, 16000, subtype="FLOAT")
+        rows.append(f"c{i:04d}.wav,{EMOTION_CLASSES[lab]},{('train', 'val')[sp]}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    os.environ["ADVTRAIN_CACHE"] = str(folder / "cache")       # the task's default cache
+    plan = plan_audio(DataSpec(folder / "labels.csv", target="emotion", split_column="split"))
+    opts = {"features": "chorale", "crop_seconds": 4.0}
+    build_audio_task(plan, 0, opts)                                  # cold: fills the cache
+    t0 = time.perf_counter()
+    task = build_audio_task(plan, 0, opts)
+    build_s = time.perf_counter() - t0
+    if task.info["cache"]["hits"] != len(clips["wave"]):
+        raise RuntimeError(f"cache not warm: {task.info['cache']}")
+    return task.train_loader, task.val_loader, task.model, build_s
+
+
+def case_audio_epoch(variant: str, n_train: int = 256, n_val: int = 48,
+                     epochs: int = 4) -> dict[str, Any]:
+    """Median epoch seconds (``history[i]["seconds"]``, the first epoch left out as warm-up) of
+    ``train_model_advanced`` with the ``stable`` preset (the demo's options) on the same clips:
+    ``builtin`` through the built-in task's tensors, ``data`` through the ``--data`` task's
+    datasets from a warm feature cache (per-item crops, ``EpochSampler``, padding collate)."""
+    from advanced_training_utils import get_preset, train_model_advanced
+
+    clips = _chorale_clips(n_train, n_val)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        extra: dict[str, Any] = {}
+        if variant == "builtin":
+            tl, vl, model = _builtin_loaders(clips)
+        else:
+            tl, vl, model, extra["build_seconds"] = _data_task_loaders(clips, Path(d))
+        x, _ = next(iter(tl))
+        opts = get_preset("stable", learning_rate=3e-3, metrics="accuracy", augment="audio")
+        res = train_model_advanced(model, tl, vl, nn.CrossEntropyLoss(), epochs=epochs,
+                                   device="cpu", verbose=False, handle_signals=False,
+                                   checkpoint_dir=str(Path(d) / "ckpt"), **opts)
+    secs = sorted(h["seconds"] for h in res["history"][1:])
+    return {"seconds": secs[len(secs) // 2], "clips": n_train, "val_clips": n_val,
+            "input_shape": list(x.shape[1:]), **extra}
+
+
 CASES = {
     "loop_mlp": lambda v: case_loop(v, "mlp"),
     "loop_cnn": lambda v: case_loop(v, "cnn"),
@@ -255,6 +378,8 @@ CASES = {
     "checkpoint": case_checkpoint,
     "resume": case_resume,
     "scaling": case_scaling,
+    "audio_features": case_audio_features,
+    "audio_epoch": case_audio_epoch,
 }
 
 
