@@ -7,7 +7,7 @@ torchaudio or librosa.
 
 Defaults suit speech: 16 kHz, 25 ms windows (``n_fft=400``), 10 ms hop (``hop_length=160``),
 64 bands from 0 Hz to 8 kHz (the whole band of 16 kHz audio). :meth:`LogMel.chorale` gives the
-parameters of the built-in chorale tasks (``data/mel.py``), with identical numbers.
+parameters the built-in chorale tasks use (``app/data/datasets.py``).
 
 Example::
 
@@ -31,7 +31,7 @@ CHORALE_PARAMS: dict[str, Any] = {
     "sample_rate": 16000, "n_fft": 1024, "hop_length": 256, "n_mels": 64,
     "f_min": 50.0, "f_max": 4000.0, "mel_scale": "htk", "norm": None, "eps": 1e-6,
 }
-"""The built-in chorale tasks' features (``data/mel.py``): 1024-point FFT (15.6 Hz bins), 16 ms
+"""The built-in chorale tasks' features (``app/data/datasets.py``): 1024-point FFT (15.6 Hz bins), 16 ms
 hop, 64 HTK bands from 50 Hz to 4 kHz."""
 
 # Slaney (Auditory Toolbox) scale: linear below 1 kHz (3 bands per 200 Hz), log above.

@@ -1,5 +1,6 @@
 """Built-in data: Bach chorales -> emotion clips and emotion-to-notes pairs."""
 
+from ..audio.logmel import LogMel, mel_filterbank
 from .chorales import Chorales, load_chorales
 from .datasets import (
     EMOTION_CLASSES,
@@ -8,7 +9,6 @@ from .datasets import (
     emotion_dataset,
     notes_dataset,
 )
-from .mel import LogMel, mel_filterbank
 from .render import render_notes
 
 __all__ = ["EMOTION_CLASSES", "Chorales", "LogMel", "chorale_windows", "emotion_clips",

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..audio.logmel import LogMel
 from .chorales import Chorales, load_chorales
-from .mel import LogMel
 from .render import render_notes
 
 __all__ = ["EMOTION_CLASSES", "Window", "chorale_windows", "emotion_clips", "emotion_dataset",
@@ -205,7 +205,7 @@ def emotion_dataset(seed: int = 0, per_piece: int | None = 6, seconds: float = 4
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small STFTs: one thread is several times faster here
     try:
-        to_mel = LogMel()
+        to_mel = LogMel.chorale()  # an nn.Module: .to(device) moves its window and filters
         mel = torch.cat([to_mel(torch.from_numpy(waves[i:i + 256]))
                          for i in range(0, len(waves), 256)]).unsqueeze(1)
     finally:
