@@ -310,7 +310,7 @@ def _builtin_loaders(clips: dict[str, Any]) -> tuple[Any, Any, nn.Module]:
     from advanced_training_utils.app.data import LogMel
     from advanced_training_utils.app.models import EmotionRecognizer
 
-    mel = LogMel()(torch.from_numpy(clips["wave"])).unsqueeze(1).float()   # [N, 1, 64, 251]
+    mel = LogMel.chorale()(torch.from_numpy(clips["wave"])).unsqueeze(1).float()  # [N, 1, 64, 251]
     y = torch.from_numpy(clips["label"]).long()
     s = torch.from_numpy(clips["split"])
     ds = [torch.utils.data.TensorDataset(mel[s == k], y[s == k]) for k in (0, 1)]
