@@ -636,3 +636,20 @@ def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
     assert e.value.code == 2
     assert "--out: must name a folder, got an empty string" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_class_weights_on_a_task_without_classes_is_one_line_before_any_work(tmp_path, capsys,
+                                                                            monkeypatch):
+    from advanced_training_utils.app import tasks
+
+    def no_data(*a, **k):
+        raise AssertionError("the task's data was built before the options were checked")
+
+    monkeypatch.setattr(tasks, "build_task", no_data)
+    out = tmp_path / "run"
+    assert main(["train", "--task", "notes", "--out", str(out), *NOTES_FAST,
+                 "--set", "class_weights=balanced"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "advtrain: error: class_weights='balanced' needs a classification task (cross-entropy "
+        "over class labels); --task notes (BCE) has no classes to weight"]
+    assert not out.exists()

@@ -396,7 +396,20 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
         TrainConfig.from_options(**merged)
     except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None
+    _check_class_weights(task, plan, merged)
     return merged, task_opts
+
+
+def _check_class_weights(task: str, plan: Any, options: dict[str, Any]) -> None:
+    """``class_weights`` weights a class-index loss: refuse it up front for a task whose loss
+    is not one (notes: BCE over note probabilities; --data regression: MSE)."""
+    if options.get("class_weights") is None:
+        return
+    regression = plan is not None and getattr(plan, "kind", None) == "regression"
+    if task == "notes" or regression:
+        what = "--data regression (MSE)" if regression else "--task notes (BCE)"
+        raise CLIError(f"class_weights={options['class_weights']!r} needs a classification task "
+                       f"(cross-entropy over class labels); {what} has no classes to weight")
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
