@@ -35,3 +35,20 @@ def assert_equal_nan(actual, expected, nan_mask=None):
     mask = torch.isnan(expected) if nan_mask is None else nan_mask
     assert torch.equal(torch.isnan(actual), mask), "NaN where not expected (or missing)"
     assert torch.equal(actual[~mask], expected[~mask]), "values differ where not NaN"
+
+
+class Boom(Exception):
+    """The crash raised by :func:`crashing` (a test catches exactly this one)."""
+
+
+def crashing(at, loss=torch.nn.functional.cross_entropy):
+    """A criterion that computes ``loss`` but raises :class:`Boom` on its ``at``-th call (1-based):
+    a run interrupted mid-training at a known batch."""
+    calls = [0]
+
+    def crit(out, y):
+        calls[0] += 1
+        if calls[0] == at:
+            raise Boom()
+        return loss(out, y)
+    return crit

@@ -22,6 +22,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
+from _helpers import Boom, crashing
 from advanced_training_utils import checkpoint as ck
 from advanced_training_utils import train_model_advanced
 from advanced_training_utils.engine.balance import (
@@ -383,19 +384,8 @@ def test_a_run_trains_on_the_balanced_draws():
     assert len(seen) == len(expected) and all(torch.equal(a, b) for a, b in zip(seen, expected))
 
 
-class Boom(Exception):
-    pass
 
 
-def _crashing(at):
-    calls = [0]
-
-    def crit(out, y):
-        calls[0] += 1
-        if calls[0] == at:
-            raise Boom()
-        return torch.nn.functional.cross_entropy(out, y)
-    return crit
 
 
 class CrashingCE(torch.nn.CrossEntropyLoss):
@@ -429,7 +419,7 @@ def test_mid_epoch_resume_is_bit_exact_with_the_balanced_sampler(tmp_path, extra
     def loader():
         return DataLoader(ds, batch_size=BS, shuffle=True)
 
-    crit = CrashingCE if "class_weights" in extra else _crashing
+    crit = CrashingCE if "class_weights" in extra else crashing
     ref = _model()
     r_ref = train_model_advanced(ref, loader(), None, torch.nn.CrossEntropyLoss(),
                                  checkpoint_dir=tmp_path / "ref", **RESUME, **extra)

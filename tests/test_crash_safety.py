@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import make_data, make_model
+from _helpers import Boom, crashing, make_data, make_model
 from advanced_training_utils import CheckpointError, load_checkpoint, train_model_advanced
 from advanced_training_utils import checkpoint as ck
 from advanced_training_utils.checkpoint import checkpoint_chain
@@ -20,8 +20,6 @@ WORKER = Path(__file__).with_name("crash_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Boom(Exception):
-    pass
 
 
 class CountingDataset(torch.utils.data.Dataset):
@@ -47,15 +45,6 @@ OPTS = dict(epochs=3, learning_rate=3e-3, device="cpu", verbose=False, seed=0,
             restore_best_weights=False, model_name="m")
 
 
-def _crashing(at):
-    calls = [0]
-
-    def crit(out, y):
-        calls[0] += 1
-        if calls[0] == at:
-            raise Boom()
-        return CE(out, y)
-    return crit
 
 
 def _dropout_model(seed):
@@ -72,7 +61,7 @@ def test_mid_epoch_resume_is_bit_exact(tmp_path, crash_at):
 
     m = _dropout_model(1)
     with pytest.raises(Boom):
-        train_model_advanced(m, tl, vl, _crashing(crash_at), checkpoint_dir=tmp_path / "c",
+        train_model_advanced(m, tl, vl, crashing(crash_at), checkpoint_dir=tmp_path / "c",
                              checkpoint_every_n_steps=1, **OPTS)
     resumed = _dropout_model(7)
     r = train_model_advanced(resumed, tl, vl, CE, checkpoint_dir=tmp_path / "c", resume=True,
@@ -89,7 +78,7 @@ def test_resume_cost_does_not_grow_with_position(tmp_path):
         ds = CountingDataset(make_data(96))
         tl, vl = _loaders(ds)
         with pytest.raises(Boom):
-            train_model_advanced(_dropout_model(1), tl, vl, _crashing(at),
+            train_model_advanced(_dropout_model(1), tl, vl, crashing(at),
                                  checkpoint_dir=tmp_path / frac, checkpoint_every_n_steps=1,
                                  **{**OPTS, "epochs": 1})
         ds.reads = 0

@@ -14,7 +14,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from _helpers import make_data
+from _helpers import Boom, crashing, make_data
 from advanced_training_utils import train_model_advanced
 from advanced_training_utils.engine.dataorder import find_generators
 
@@ -22,8 +22,6 @@ CE = torch.nn.CrossEntropyLoss()
 N, BS = 96, 8  # 12 batches per epoch
 
 
-class Boom(Exception):
-    pass
 
 
 class Reshuffled:
@@ -113,15 +111,6 @@ def _model(seed=1):
                                torch.nn.Dropout(0.3), torch.nn.Linear(32, 3))
 
 
-def _crashing(at):
-    calls = [0]
-
-    def crit(out, y):
-        calls[0] += 1
-        if calls[0] == at:
-            raise Boom()
-        return CE(out, y)
-    return crit
 
 
 def _strip(history):
@@ -132,7 +121,7 @@ def _strip(history):
 def _crash_and_resume(tmp_path, make_loader, crash_at, **extra):
     ds = make_data(N)
     with pytest.raises(Boom):
-        train_model_advanced(_model(), make_loader(ds), None, _crashing(crash_at),
+        train_model_advanced(_model(), make_loader(ds), None, crashing(crash_at),
                              checkpoint_dir=tmp_path, **OPTS, **extra)
     resumed = _model(seed=7)  # another init: the weights must come from the checkpoint
     res = train_model_advanced(resumed, make_loader(ds), None, CE, checkpoint_dir=tmp_path,
@@ -181,7 +170,7 @@ def test_iterable_drawing_per_batch_is_reported(tmp_path, caplog):
 def test_changed_generators_on_resume_are_refused(tmp_path):
     ds = make_data(N)
     with pytest.raises(Boom):
-        train_model_advanced(_model(), LOADERS["loader_generator"](ds), None, _crashing(17),
+        train_model_advanced(_model(), LOADERS["loader_generator"](ds), None, crashing(17),
                              checkpoint_dir=tmp_path, **OPTS)
     with pytest.raises(ValueError, match=r"recorded 1 torch.Generator\(s\).*have 0"):
         train_model_advanced(_model(), LOADERS["shuffle"](ds), None, CE, checkpoint_dir=tmp_path,

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from _helpers import make_loaders, make_model
+from _helpers import Boom, crashing, make_loaders, make_model
 from advanced_training_utils import load_checkpoint, train_model_advanced
 from advanced_training_utils.checkpoint import save_checkpoint
 from advanced_training_utils.engine.config import (
@@ -186,19 +186,8 @@ def test_optimizer_spec_is_plain():
 
 
 # ------------------------------------------------------------------ the earlier metrics log
-class Boom(Exception):
-    pass
 
 
-def _crash_on(at):
-    calls = [0]
-
-    def crit(out, y):
-        calls[0] += 1
-        if calls[0] == at:
-            raise Boom()
-        return CE(out, y)
-    return crit
 
 
 def test_fresh_run_keeps_the_earlier_metrics_log_until_it_writes(tmp_path):
@@ -210,7 +199,7 @@ def test_fresh_run_keeps_the_earlier_metrics_log_until_it_writes(tmp_path):
 
     # A fresh run dies before its first checkpoint or metrics line: the log is untouched.
     with pytest.raises(Boom):
-        train_model_advanced(make_model(1), tl, vl, _crash_on(1), checkpoint_dir=tmp_path,
+        train_model_advanced(make_model(1), tl, vl, crashing(1), checkpoint_dir=tmp_path,
                              **BASE)
     assert log_file.read_text() == earlier
     assert sorted(p.name for p in tmp_path.glob("m_metrics*")) == ["m_metrics.jsonl"]
@@ -228,7 +217,7 @@ def test_first_step_checkpoint_moves_the_earlier_log_before_a_resume_rewrites(tm
     train_model_advanced(make_model(1), tl, vl, CE, checkpoint_dir=tmp_path, **BASE)
     earlier = (tmp_path / "m_metrics.jsonl").read_text()
     with pytest.raises(Boom):  # dies after a step checkpoint, before any metrics line
-        train_model_advanced(make_model(1), tl, vl, _crash_on(2), checkpoint_dir=tmp_path,
+        train_model_advanced(make_model(1), tl, vl, crashing(2), checkpoint_dir=tmp_path,
                              checkpoint_every_n_steps=1, **BASE)
     moved = list(tmp_path.glob("m_metrics.*.jsonl"))
     assert len(moved) == 1 and moved[0].read_text() == earlier
