@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.machine import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 PIN = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
@@ -187,16 +189,6 @@ def _main_text(env: dict[str, Any], rows: list[dict[str, Any]], alloc: dict[str,
     return "\n".join(lines) + "\n"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _timed(seconds: float, clips: float | None) -> str:
     rate = f" ({clips / seconds:,.0f} clips/s)" if clips else ""
     return f"{seconds * 1e3:.1f} ms{rate}"
@@ -276,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         main_text = _main_text(env, rows, alloc)
     if audio_rows:
         argv_text = " ".join(sys.argv[1:] if argv is None else argv)
-        audio_env = {**env, "cpu": _cpu_model(), "date": time.strftime("%Y-%m-%d"),
+        audio_env = {**env, "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d"),
                      "command": f"python -m benchmarks.run {argv_text}".strip(),
                      "load_before": list(load_before), "load_after": list(os.getloadavg())}
         prev = old.get("audio") or {"rows": []}

@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: benchmarks/
+from benchmarks.machine import cpu_model  # noqa: E402
 
 START = "<!-- demo-figures: written by `make figures` (scripts/demo_figures.py); do not edit -->"
 END = "<!-- /demo-figures -->"
@@ -51,21 +53,11 @@ def run_demo(run_dir: Path) -> dict[str, Any]:
     timing = {"wall_seconds": round(wall, 1), "date": time.strftime("%Y-%m-%d"),
               "load_before": [round(x, 2) for x in before],
               "load_after": [round(x, 2) for x in os.getloadavg()],
-              "cpus": os.cpu_count(), "cpu": _cpu_model(), "empty_data_cache": True,
+              "cpus": os.cpu_count(), "cpu": cpu_model(), "empty_data_cache": True,
               "summary_wall_seconds": json.loads((run_dir / "summary.json").read_text())[
                   "wall_seconds"]}
     (run_dir / TIMING).write_text(json.dumps(timing, indent=2) + "\n")
     return timing
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
