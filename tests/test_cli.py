@@ -18,9 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--quiet", "--epochs", "1", "--set", "per_piece=1", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ADVTRAIN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_presets_lists_all(capsys):

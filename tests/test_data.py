@@ -14,10 +14,7 @@ from advanced_training_utils.app.data import (
 )
 from advanced_training_utils.app.data.datasets import _local_keys, melody_splits
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ADVTRAIN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_bundled_chorales():

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from _helpers import make_data, make_model
+from _helpers import Boom, crashing, make_data, make_model
 from advanced_training_utils import (
     LearningRateScheduler,
     load_checkpoint,
@@ -153,10 +153,6 @@ def test_loss_spike_is_skipped():
 
 
 # ------------------------------------------------------------------ rollback after a resume
-class _Boom(Exception):
-    pass
-
-
 def _diverging_run(tmp_path, criterion, check_every, **extra):
     """SGD at a 100x too high LR: recovery rolls back (at epoch ends or every 3 steps)."""
     tl = torch.utils.data.DataLoader(make_data(128, features=F), batch_size=16, shuffle=True)
@@ -178,16 +174,8 @@ def test_rollback_after_a_mid_epoch_resume_is_bit_exact(tmp_path, check_every, c
     epoch, so every crash point is mid-epoch, before a rollback of the reference run."""
     ref, r_ref = _diverging_run(tmp_path / "ref", CE, check_every)
     assert r_ref["rollbacks"] >= 1
-    calls = [0]
-
-    def crashing(out, y):
-        calls[0] += 1
-        if calls[0] == crash_at:
-            raise _Boom()
-        return CE(out, y)
-
-    with pytest.raises(_Boom):
-        _diverging_run(tmp_path / "c", crashing, check_every)
+    with pytest.raises(Boom):
+        _diverging_run(tmp_path / "c", crashing(crash_at, CE), check_every)
     resumed, res = _diverging_run(tmp_path / "c", CE, check_every, resume=True)
     for a, b in zip(ref.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
@@ -233,16 +221,8 @@ def test_mid_epoch_checkpoint_stores_the_snapshot_weights(tmp_path):
     """A mid-epoch checkpoint holds the last good snapshot's weights (here the initial ones:
     no check has run yet), not the weights at the checkpoint."""
     tl, vl = _loaders()
-    calls = [0]
-
-    def crash(out, y):
-        calls[0] += 1
-        if calls[0] == 10:
-            raise _Boom()
-        return CE(out, y)
-
-    with pytest.raises(_Boom):
-        train_model_advanced(make_model(1, features=F), tl, vl, crash, epochs=1, device="cpu",
+    with pytest.raises(Boom):
+        train_model_advanced(make_model(1, features=F), tl, vl, crashing(10, CE), epochs=1, device="cpu",
                              verbose=False, seed=0, checkpoint_dir=tmp_path, model_name="m",
                              checkpoint_every_n_steps=1)
     state = load_checkpoint(tmp_path / "m_last.pt")

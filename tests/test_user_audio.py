@@ -35,9 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--epochs", "2", "--quiet", "--device", "cpu", "--set", "n_mels=32"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ADVTRAIN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def _summary(run):
