@@ -265,6 +265,19 @@ def test_compare_on_a_wav_folder(tmp_path, capsys):
     assert (out / "curves.png").is_file()
 
 
+@pytest.mark.parametrize(("summary", "expected"), [
+    ({"test_accuracy": 0.9, "test": {"uar": 0.5, "accuracy": 0.9}}, ("test_accuracy", 0.9)),
+    ({"test_bce": 0.08, "mean_baseline_bce": 0.09}, ("test_bce", 0.08)),
+    ({"test": {"uar": 0.5, "accuracy": 0.7, "macro_f1": 0.4}}, ("test_uar", 0.5)),
+    ({"test": {"ccc": 0.3, "mae": 0.1}}, ("test_ccc", 0.3)),
+    ({"test": None}, (None, None)),
+])
+def test_test_metric_of_each_kind_of_summary(summary, expected):
+    from advanced_training_utils.app.report.comparison import test_metric
+
+    assert test_metric(summary) == expected
+
+
 # ---- a failed run is listed, the others are tabled, the exit code is 1
 
 def test_a_failed_run_is_listed_and_the_rest_tabled(tmp_path, monkeypatch, capsys):

@@ -504,33 +504,38 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "or your audio; write DIR/compare.md, compare.csv, runs.csv and curves.png. Run it "
         "again to continue an interrupted comparison.", epilog=_EPILOG,
         formatter_class=_HelpFormatter)
-    c.add_argument("--task", choices=TASKS, default=None, help="the built-in task")
+    c.add_argument("--task", choices=TASKS, default=None, help="the built-in task (default: none: give --data)")
     d = c.add_argument_group("your own audio (instead of --task)")
     d.add_argument("--data", type=Path, default=None,
-                   help="a labels .csv or a folder with one subfolder per class")
+                   help="a labels .csv or a folder with one subfolder per class (default: none: "
+                   "give --task)")
     d.add_argument("--target-column", default=None,
                    help="CSV label column(s), as advtrain train's --target (default: none)")
     for flag in ("--split-column", "--group-column"):
         d.add_argument(flag, default=None, help=f"as advtrain train's {flag} (default: none)")
     d.add_argument("--path-column", default="path", help="CSV column of the audio paths")
     c.add_argument("--preset", dest="presets", action="append", default=[],
-                   help="a configuration: this preset (repeatable)")
+                   help="a configuration: this preset (repeatable) (default: none)")
     c.add_argument("--config", dest="configs", action="append", default=[], type=Path,
-                   help="a configuration: a YAML file over the stable preset (repeatable)")
+                   help="a configuration: a YAML file over the stable preset (repeatable) "
+                   "(default: none)")
     c.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=V1,V2",
-                   help="a grid axis over every configuration (one value: applies to all)")
-    c.add_argument("--seeds", type=int, required=True, help="seeds per configuration")
+                   help="a grid axis over every configuration (one value: applies to all) "
+                   "(default: none)")
+    c.add_argument("--seeds", type=int, required=True, help="seeds per configuration "
+                   "(default: none, required)")
     c.add_argument("--seed-base", type=int, default=0, help="the first seed")
     c.add_argument("--epochs", type=int, default=None, help="epochs of every run "
                    "(default: each configuration's)")
     c.add_argument("--device", default=None, help="device of every run (default: auto)")
-    c.add_argument("--out", type=Path, required=True, help="the comparison's folder")
+    c.add_argument("--out", type=Path, required=True, help="the comparison's folder (default: none, required)")
     c.add_argument("--jobs", type=int, default=1, help="runs at a time (parallel processes)")
     c.add_argument("--run-reports", action="store_true",
                    help="write each run's report.png and diagnosis.txt (about 2 s a run; "
                    "default: none, advtrain report RUN_DIR writes them later)")
     c.add_argument("--target", type=_target, default=None,
-                   help="the monitored value to reach: epochs and seconds to it in the table")
+                   help="the monitored value to reach: epochs and seconds to it in the table "
+                   "(default: none)")
     return c
 
 
