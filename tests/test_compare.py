@@ -243,6 +243,31 @@ def test_killed_comparison_resumes_without_rerunning_finished_runs(tmp_path, cap
         assert read_run(d).epochs_run == 3
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_sigterm_stops_the_parallel_workers_and_raises(monkeypatch, tmp_path):
+    """SIGTERM to the comparison reaches its running workers (each would checkpoint), starts no
+    other run and raises TrainingPreempted (exit code 143)."""
+    import threading
+
+    from advanced_training_utils.engine.preemption import TrainingPreempted
+
+    started = []
+
+    def start(run, report):  # a worker that waits for SIGTERM
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        return started[-1]
+
+    monkeypatch.setattr(cmp, "_start", start)
+    runs = [cmp.RunSpec(f"c{i}", 0, tmp_path / f"c{i}", "notes", "fast", {}, {}, None)
+            for i in range(3)]
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    with pytest.raises(TrainingPreempted) as e:
+        cmp._run_parallel(runs, 2, False)
+    assert e.value.code == 143 and len(started) == 2
+    assert [p.returncode for p in started] == [-signal.SIGTERM] * 2
+
+
 # ---- --data: a wav corpus
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")

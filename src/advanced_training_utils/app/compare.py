@@ -299,6 +299,8 @@ def _run_parallel(runs: list[RunSpec], jobs: int, report: bool) -> list[str]:
     stop: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
+        log.warning("compare: signal %d: stopping the %d running run(s) (each writes a "
+                    "checkpoint); run the same command again to continue", signum, len(running))
         stop.append(signum)
         for p in running.values():
             p.send_signal(signum)
@@ -309,7 +311,7 @@ def _run_parallel(runs: list[RunSpec], jobs: int, report: bool) -> list[str]:
     except ValueError:  # not the main thread: no handlers
         pass
     try:
-        while pending or running:
+        while running or (pending and not stop):
             while pending and len(running) < jobs and not stop:
                 i, run = pending.pop(0)
                 running[i] = _start(run, report)
@@ -317,7 +319,8 @@ def _run_parallel(runs: list[RunSpec], jobs: int, report: bool) -> list[str]:
             for i, p in list(running.items()):
                 if p.poll() is not None:
                     del running[i]
-                    _log_done(runs[i], p.returncode, failed)
+                    if not stop:
+                        _log_done(runs[i], p.returncode, failed)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
