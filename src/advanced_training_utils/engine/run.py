@@ -13,7 +13,10 @@ named method of ``_Run``:
 4. per epoch: train (:func:`loop.train_epoch`, which calls back after every optimizer step for
    recovery checks, step checkpoints and preemption), evaluate, read the epoch's numbers once
    (the divergence monitor may roll back here), then the decisions: step the LR, keep the best
-   weights, count for early stopping, stability checks; record the history row, save;
+   weights, count for early stopping, stability checks; record the history row, save; with
+   weight averaging (:mod:`.averaging`) the EMA updates after each step the guard took, SWA
+   averages at the end of each training epoch from ``swa_start`` on, and with ``eval_ema``
+   validation runs on the averaged copy (the live model is never swapped);
 5. the result: the best weights restored (unless ``restore_best_weights=False``) and a dict.
 
 Devices: ``'auto'`` picks CUDA, then MPS, then CPU. ``'cuda'`` on a machine without CUDA logs a
@@ -98,7 +101,10 @@ def train_model_advanced(
             path), ``checkpoint_every_n_steps``, ``keep_last``, ``handle_signals``,
             ``metrics_file``, ``tensorboard``. Recovery: ``recovery``, ``spike_factor``,
             ``spike_window``, ``rollback_after``, ``rollback_lr_factor``, ``max_rollbacks``,
-            ``divergence_factor``, ``recovery_check_every``. Under torchrun: ``dist_timeout``.
+            ``divergence_factor``, ``recovery_check_every``. Weight averaging
+            (:mod:`.averaging`): ``ema_decay`` (None: off), ``ema_warmup``, ``swa_start`` (the
+            1-based epoch from which SWA averages; None: off), ``eval_ema`` (validation and
+            the best epoch on the averaged weights). Under torchrun: ``dist_timeout``.
 
     Returns:
         dict with ``best_epoch`` (1-based; 0: none improved), ``monitor``, ``best_metric``
@@ -106,7 +112,12 @@ def train_model_advanced(
         epoch), ``stopped_early``, ``epochs_run``, ``best_checkpoint`` and ``last_checkpoint``
         (paths or None), ``grad_stats`` (the clipper's statistics over the run), ``stability``
         (the last check's findings or None), ``skipped_steps``, ``rollbacks``, ``recovery_events``,
-        ``class_weights`` (floats, or None).
+        ``class_weights`` (floats, or None), ``best_weights`` (which weights the best epoch
+        was judged on, kept in ``_best.pt`` under that entry and, with
+        ``restore_best_weights``, loaded into the model at the end: ``'model'`` the live
+        weights, ``'ema'`` or ``'swa'`` the average's, with ``eval_ema``; ``'model'`` when no
+        epoch improved), ``averaged_weights`` (``{'ema': state dict, 'swa': state dict}`` of
+        the averages at the end, for those that are on; SWA's once it has averaged).
 
     Raises:
         TypeError / ValueError: bad options, model, loaders, labels or criterion, named; or a
@@ -241,7 +252,8 @@ class _Run:
         prog = p.progress
         if self.cfg.restore_best_weights:  # a damaged _best.pt falls back with a warning
             prog.best_weights = self.files.best_weights(prog.best_epoch, state,
-                                                        map_location=p.steps.device)
+                                                        map_location=p.steps.device,
+                                                        entry=prog.best_kind)
         p.rank.load_state_dict(ranks[ctx.rank])
         self.files.rewrite_metrics(prog.history)
         log.info("resumed from %s at epoch %d, batch %d", path, prog.epoch, prog.step)
@@ -269,6 +281,7 @@ class _Run:
                             progress=self.bar.update, epoch=epoch)
         if train.batches == 0:
             raise ValueError("train_loader yielded no batch this epoch")
+        p.swa.end_epoch(epoch)  # SWA averages the epoch's end weights (a no-op when off)
         return train
 
     def _after_step(self, epoch: int, preempt: PreemptionHandler, done: int,
@@ -297,7 +310,10 @@ class _Run:
         if p.val_loader is None:
             return None
         self.ctx.sync_buffers(p.model)  # evaluation runs without DDP (uneven val shards)
-        val = evaluate(p.steps, p.val_loader)
+        averaged = p.evaluated.module()  # eval_ema: the average's own copy; else None (live)
+        if averaged is not None:
+            self.ctx.sync_buffers(averaged)  # SWA's batch-norm pass ran on each rank's shard
+        val = evaluate(p.steps, p.val_loader, averaged)
         if not self.ctx.any_host(val.examples > 0):
             raise ValueError("val_loader is empty: it yielded no batch; pass val_loader=None "
                              "to follow the training loss instead")
@@ -332,15 +348,17 @@ class _Run:
     def keep_best(self, epoch: int, monitored: float, event: RecoveryEvent | None) -> bool:
         """Whether the epoch is the new best (the monitored value finite, better in ``mode`` by
         more than ``min_delta``, no rollback); then its weights are kept (with
-        ``restore_best_weights``)."""
-        prog = self.parts.progress
-        improved = event is None and self.parts.selection.improved(
+        ``restore_best_weights``): the weights validation ran on, live or averaged."""
+        p, prog = self.parts, self.parts.progress
+        improved = event is None and p.selection.improved(
             monitored, prog.best_loss, self.cfg.min_delta)
         if improved:
             prog.best_loss, prog.best_epoch = monitored, epoch
+            prog.best_kind = p.evaluated.holds
             if self.cfg.restore_best_weights:
-                prog.best_weights = {k: v.detach().clone()
-                                     for k, v in self.parts.model.state_dict().items()}
+                weights = (p.model.state_dict() if prog.best_kind == "model"
+                           else p.evaluated.weights())
+                prog.best_weights = {k: v.detach().clone() for k, v in weights.items()}
         return improved
 
     def stop_early(self, monitored: float) -> None:
@@ -425,6 +443,9 @@ class _Run:
             "rollbacks": p.monitor.rollbacks,
             "recovery_events": [e.as_dict() for e in p.monitor.events],
             "class_weights": p.class_weights.as_list(),
+            "best_weights": prog.best_kind,
+            "averaged_weights": {a.kind: a.weights() for a in (p.ema, p.swa)
+                                 if a.holds != "model"},
         }
 
     def _best_val_loss(self) -> float:
