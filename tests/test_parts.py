@@ -67,10 +67,11 @@ def test_the_table_lists_every_part_once_with_the_monitor_last():
     p = _parts()
     assert list(p.table) == [
         ck.MODEL_KEY, ck.OPTIMIZER_KEY, ck.SCHEDULER_KEY, ck.PRECISION_KEY, ck.CLIPPER_KEY,
+        ck.EMA_KEY, ck.SWA_KEY,
         ck.EARLY_STOPPING_KEY, ck.AUGMENTATION_KEY, PROGRESS, ck.EPOCH_ORDER_KEY,
         ck.CONFIG_KEY, ck.OPTIMIZER_SPEC_KEY, ck.CLASS_WEIGHTS_KEY, ck.RECOVERY_KEY]
     assert p.table[ck.MODEL_KEY] is p.model and p.table[ck.RECOVERY_KEY] is p.monitor
     assert p.table[PROGRESS] is p.progress and p.table[ck.OPTIMIZER_KEY] is p.optimizer
-    # recovery's snapshot is the first five parts of the same table
-    assert list(p.monitor.recovery.parts) == list(p.table)[:5]
-    assert all(p.monitor.recovery.parts[k] is p.table[k] for k in list(p.table)[:5])
+    # recovery's snapshot is the first seven parts of the same table (the averages included)
+    assert list(p.monitor.recovery.parts) == list(p.table)[:7]
+    assert all(p.monitor.recovery.parts[k] is p.table[k] for k in list(p.table)[:7])

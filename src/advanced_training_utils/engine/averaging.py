@@ -33,6 +33,15 @@ the training run's data order and random draws are those of a run without SWA. T
 rate schedule is the run's own (no SWA schedule), so resuming with any scheduler is the plain
 resume (Lightning #11665 crashed there).
 
+What ``train_model_advanced`` returns about them: ``best_weights``, the weights the best epoch
+was judged on, which ``_best.pt`` holds under that entry (its ``best['weights']`` says which)
+and, with ``restore_best_weights``, the model holds at the end: ``'model'`` (the live
+weights; always without ``eval_ema``, and before SWA's first average), ``'ema'`` or ``'swa'``
+(``eval_ema``: SWA's when it is on, else the EMA's); and ``averaged_weights``,
+``{'ema': state dict, 'swa': state dict}`` of the averages at the end, for those that are on
+(SWA's once it has averaged). With ``restore_best_weights=False`` the model ends with its live
+weights. The checkpoint's ``model`` entry is always the live weights.
+
 An average that is off is :class:`NoAverage`: the loop calls its ``step`` (an empty method: no
 kernel, no allocation), the table saves None.
 

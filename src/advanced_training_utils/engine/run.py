@@ -62,13 +62,10 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- the function
-def train_model_advanced(
-    model: torch.nn.Module,
-    train_loader: Iterable[Any],
-    val_loader: Iterable[Any] | None = None,
-    criterion: Callable[..., torch.Tensor] | None = None,
-    **options: Unpack[TrainOptions],
-) -> dict[str, Any]:
+def train_model_advanced(model: torch.nn.Module, train_loader: Iterable[Any],
+                         val_loader: Iterable[Any] | None = None,
+                         criterion: Callable[..., torch.Tensor] | None = None,
+                         **options: Unpack[TrainOptions]) -> dict[str, Any]:
     """Train ``model`` with scheduling, clipping, mixed precision, augmentation, early stopping,
     stability checks, a bad-step guard with divergence recovery, and crash-safe checkpoints.
 
@@ -101,10 +98,8 @@ def train_model_advanced(
             path), ``checkpoint_every_n_steps``, ``keep_last``, ``handle_signals``,
             ``metrics_file``, ``tensorboard``. Recovery: ``recovery``, ``spike_factor``,
             ``spike_window``, ``rollback_after``, ``rollback_lr_factor``, ``max_rollbacks``,
-            ``divergence_factor``, ``recovery_check_every``. Weight averaging
-            (:mod:`.averaging`): ``ema_decay`` (None: off), ``ema_warmup``, ``swa_start`` (the
-            1-based epoch from which SWA averages; None: off), ``eval_ema`` (validation and
-            the best epoch on the averaged weights). Under torchrun: ``dist_timeout``.
+            ``divergence_factor``, ``recovery_check_every``. Weight averaging (:mod:`.averaging`):
+            ``ema_decay``, ``ema_warmup``, ``swa_start``, ``eval_ema``. DDP: ``dist_timeout``.
 
     Returns:
         dict with ``best_epoch`` (1-based; 0: none improved), ``monitor``, ``best_metric``
@@ -112,12 +107,8 @@ def train_model_advanced(
         epoch), ``stopped_early``, ``epochs_run``, ``best_checkpoint`` and ``last_checkpoint``
         (paths or None), ``grad_stats`` (the clipper's statistics over the run), ``stability``
         (the last check's findings or None), ``skipped_steps``, ``rollbacks``, ``recovery_events``,
-        ``class_weights`` (floats, or None), ``best_weights`` (which weights the best epoch
-        was judged on, kept in ``_best.pt`` under that entry and, with
-        ``restore_best_weights``, loaded into the model at the end: ``'model'`` the live
-        weights, ``'ema'`` or ``'swa'`` the average's, with ``eval_ema``; ``'model'`` when no
-        epoch improved), ``averaged_weights`` (``{'ema': state dict, 'swa': state dict}`` of
-        the averages at the end, for those that are on; SWA's once it has averaged).
+        ``class_weights`` (floats, or None), ``best_weights`` and ``averaged_weights`` (see
+        :mod:`.averaging`).
 
     Raises:
         TypeError / ValueError: bad options, model, loaders, labels or criterion, named; or a
