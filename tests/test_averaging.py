@@ -145,6 +145,21 @@ def test_the_ema_counter_is_the_number_of_good_steps():
     assert int(off.count) == 2
 
 
+def test_an_ema_step_reads_nothing_to_the_host(monkeypatch):
+    """Every host read a tensor offers raises: the EMA's step makes none (the guard's verdict
+    stays on the device, so does the counter)."""
+    ema = EMA(_model(), 0.999)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host read in an EMA step")
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for bad in (False, True, False):
+        ema.step(torch.tensor(bad))
+    monkeypatch.undo()
+    assert int(ema.count) == 2
+
+
 # ---------------------------------------------------------------- rollback
 def test_a_rollback_restores_the_average_and_its_counter(monkeypatch):
     """A run of non-finite steps makes recovery roll back: the EMA (weights and counter) is
