@@ -274,11 +274,14 @@ def test_swa_equals_a_hand_equal_average_with_update_bn(monkeypatch):
     assert not torch.allclose(swa["1.running_mean"], m[1].running_mean)
 
 
-def test_swa_and_ema_leave_the_training_run_untouched():
-    """Dropout, a shuffled loader and BatchNorm: with SWA's batch-norm pass every epoch and
-    an EMA, the live model trains exactly as without them (data order and RNG untouched)."""
+@pytest.mark.parametrize("own_generator", [False, True], ids=["global_rng", "generator"])
+def test_swa_and_ema_leave_the_training_run_untouched(own_generator):
+    """Dropout, a shuffled loader (drawing from the global RNG, or from its own generator) and
+    BatchNorm: with SWA's batch-norm pass every epoch and an EMA, the live model trains exactly
+    as without them (data order and random draws untouched)."""
     def run(**extra):
-        loader = torch.utils.data.DataLoader(_data(), batch_size=10, shuffle=True)
+        g = torch.Generator().manual_seed(3) if own_generator else None
+        loader = torch.utils.data.DataLoader(_data(), batch_size=10, shuffle=True, generator=g)
         m = _model(dropout=0.3)
         r = train_model_advanced(m, loader, None, CE, epochs=3, seed=0, **PLAIN, **extra)
         return m, r

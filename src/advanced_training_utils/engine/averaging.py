@@ -42,6 +42,10 @@ weights; always without ``eval_ema``, and before SWA's first average), ``'ema'``
 (SWA's once it has averaged). With ``restore_best_weights=False`` the model ends with its live
 weights. The checkpoint's ``model`` entry is always the live weights.
 
+On resume the saved averages and counters are restored (bit-exact); ``ema_decay``,
+``ema_warmup`` and ``swa_start`` may change (the new values apply from the next update), and an
+average switched on at a resume starts from the resumed live weights with its counter at 0.
+
 An average that is off is :class:`NoAverage`: the loop calls its ``step`` (an empty method: no
 kernel, no allocation), the table saves None.
 
