@@ -35,6 +35,7 @@ CHANGED = {
     "max_lr": 1e-2, "pct_start": 0.5, "warmup_steps": 2, "gradient_clip": 0.5,
     "use_mixed_precision": True, "amp_dtype": "bfloat16", "use_augmentation": True,
     "augment": "emotion", "augment_options": {"noise_level": 0.2}, "early_stop_patience": 5,
+    "compile": True, "compile_options": {"backend": "aot_eager"},
     "class_weights": "balanced", "sampler": "balanced",
     "min_delta": 0.01, "restore_best_weights": False, "check_stability": True,
     "stability_every": 2, "metrics": "accuracy", "monitor": "train_loss", "mode": "max",

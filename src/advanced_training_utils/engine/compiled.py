@@ -5,9 +5,10 @@ What is compiled: only the model's forward (under DDP, the DDP-wrapped model; fo
 the unwrapped model). The loss, the backward, the bad-step guard, clipping, the scaler and the
 optimizer step run eagerly, as without ``compile``: a guard read can never become a graph
 break or a sync inside the compiled graph. ``compile_options`` are ``torch.compile``'s keyword
-arguments (``backend``, ``mode``, ``dynamic``, ``fullgraph``, ``options``...), checked when the
-options are (:func:`check_compile_options`: unknown keys are refused, and ``torch.compile``
-itself checks the values on a dry call).
+arguments (``backend``, ``mode``, ``dynamic``, ``fullgraph``, ``options``...), used with
+``compile=True`` (unused without, like ``amp_dtype`` without mixed precision) and checked with
+the other options (:func:`check_compile_options`: unknown keys are refused, and
+``torch.compile`` itself checks the values on a dry call).
 
 The last, shorter batch: a batch whose input shapes differ from the first batch compiled in the
 same mode (training, or validation under ``no_grad``) runs through the *eager* module instead of
@@ -78,10 +79,8 @@ def check_compile_options(compile: Any, options: Any) -> None:
         raise TypeError(f"compile must be a bool, got {compile!r}")
     if not isinstance(options, dict):
         raise TypeError(f"compile_options must be a dict, got {options!r}")
-    if not options:
+    if not options:  # like amp_dtype without mixed precision, they are unused without compile
         return
-    if not compile:
-        raise ValueError(f"compile_options={options!r} apply with compile=True only")
     unknown = sorted(set(map(str, options)) - set(COMPILE_OPTION_KEYS))
     if unknown:
         raise TypeError(f"compile_options: unknown key(s) {', '.join(map(repr, unknown))}; "

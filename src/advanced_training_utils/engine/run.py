@@ -88,10 +88,8 @@ def train_model_advanced(
             stopping has one too). Precision: ``use_mixed_precision``, ``amp_dtype`` (None:
             float16 on CUDA, bfloat16 on CPU). Augmentation: ``use_augmentation``, ``augment``
             (``'audio'``, ``'emotion'``, ``'notes'`` or a callable; with None nothing is applied
-            and a warning is logged), ``augment_options``. Compilation: ``compile`` (the
-            model's forward through ``torch.compile``; checkpoints keep the module's keys; a
-            short last batch runs eagerly, not recompiled), ``compile_options``
-            (``torch.compile``'s keyword arguments). Class imbalance (``'balanced'``,
+            and a warning is logged), ``augment_options``. Compilation: ``compile``
+            (:mod:`.compiled`), ``compile_options``. Class imbalance (``'balanced'``,
             :mod:`.balance`): ``class_weights``, ``sampler``. Stopping and checks:
             ``early_stop_patience``, ``min_delta``, ``restore_best_weights``,
             ``check_stability``, ``stability_every``, ``metrics`` (``uar``, ``macro_f1``,
@@ -120,8 +118,7 @@ def train_model_advanced(
             repeated failed writes, or (``RunLockedError``) another live run using the same
             ``checkpoint_dir`` and ``model_name`` (the message names its pid and host).
         TrainingDivergedError: recovery used up its rollbacks (``.diagnosis`` says why).
-        TrainingPreempted: after SIGTERM/SIGINT and the checkpoint (a ``SystemExit``; code 143
-            or 130).
+        TrainingPreempted: after SIGTERM/SIGINT and the checkpoint (``SystemExit``, 143/130).
     """
     cfg = TrainConfig.from_options(**options)
     check_inputs(model, train_loader, val_loader, criterion)
