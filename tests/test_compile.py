@@ -29,11 +29,13 @@ class Counting:
     given and runs the graph as traced."""
 
     def __init__(self):
-        self.graphs = []
+        self.graphs, self.ops = [], []
 
     def __call__(self, gm, example_inputs):
         self.graphs.append([tuple(t.shape) for t in example_inputs
                             if isinstance(t, torch.Tensor)])
+        self.ops.append([str(n.target) for n in gm.graph.nodes
+                         if n.op in ("call_function", "call_module", "call_method")])
         return gm.forward
 
 
@@ -91,6 +93,7 @@ def test_aot_eager_run_equals_eager_run_within_float32_rounding():
     eager, _ = _run(accumulation_steps=2)
     compiled, _ = _run(accumulation_steps=2, compile=True, compile_options={"backend": "aot_eager"})
     _assert_same(eager, compiled, exact=False, rtol=1e-6, atol=1e-7)
+    assert counters["stats"]["unique_graphs"] == 2  # it did compile: training and validation
 
 
 def test_inductor_run_equals_eager_run_within_tolerance():
@@ -103,6 +106,7 @@ def test_inductor_run_equals_eager_run_within_tolerance():
     compiled, r_comp = _run(compile=True)
     took = time.perf_counter() - t
     _assert_same(eager, compiled, exact=False, rtol=1e-4, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 2
     for a, b in zip(r_eager["history"], r_comp["history"]):
         assert math.isclose(a["val_loss"], b["val_loss"], rel_tol=1e-5)
     assert took < 120, f"inductor compile + 2 epochs took {took:.1f} s"
@@ -156,14 +160,20 @@ def test_inputs_varying_beyond_the_batch_dimension_warn_once(caplog):
 def test_builtin_models_compile_without_graph_breaks(model, x):
     explained = torch._dynamo.explain(model.train())(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model.eval())(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
 def test_only_the_model_is_compiled_the_guard_clip_and_step_run_eagerly():
-    """A run with the guard, clipping and a per-batch scheduler on: the graphs hold the model's
-    forward only (no optimizer, clip or guard op), and no graph break."""
-    backend = Counting()
+    """A run with the guard, clipping and a per-batch scheduler on: each graph holds exactly
+    the ops of the bare model's forward (no loss, optimizer, clip or guard op), and no graph
+    break."""
+    backend, bare = Counting(), Counting()
+    torch.compile(make_model(0), backend=bare)(torch.randn(16, 8, 6))
     _run(compile=True, compile_options={"backend": backend}, gradient_clip=0.5,
          use_scheduler=True, scheduler_type="onecycle", spike_factor=5.0)
+    assert backend.ops == bare.ops * 2  # training, validation
     assert [len(g) for g in backend.graphs] == [5, 5]  # input + 2 weights + 2 biases
     assert sum(counters["graph_break"].values()) == 0
 
@@ -237,13 +247,14 @@ def _crash(tmp_path, at, **kw):
                          ids=["eager-then-compiled", "compiled-then-eager"])
 def test_resume_across_compile_is_bit_exact(tmp_path, first, then):
     ref, _ = _run(epochs=2, checkpoint_every_n_steps=1)
+    backend = Counting()
     with pytest.raises(Boom):
-        _crash(tmp_path, 15, compile=first,
-               **({"compile_options": {"backend": Counting()}} if first else {}))
+        _crash(tmp_path, 15, compile=first, compile_options={"backend": backend})
     resumed, _ = _run(epochs=2, checkpoint_dir=tmp_path, resume=True,
                       checkpoint_every_n_steps=1, compile=then,
-                      **({"compile_options": {"backend": Counting()}} if then else {}))
+                      compile_options={"backend": backend})
     _assert_same(ref, resumed)
+    assert len(backend.graphs) == 2  # the compiled part: training and validation
 
 
 def _diverging(**kw):
@@ -265,7 +276,9 @@ def test_a_rollback_restores_the_weights_the_compiled_model_sees():
     the module's parameters) trains on from the restored weights, as the eager run does."""
     eager, r_eager = _diverging()
     assert r_eager["rollbacks"] >= 1
-    compiled, r_comp = _diverging(compile=True, compile_options={"backend": Counting()})
+    backend = Counting()
+    compiled, r_comp = _diverging(compile=True, compile_options={"backend": backend})
+    assert len(backend.graphs) == 2
     assert r_comp["recovery_events"] == r_eager["recovery_events"]
     _assert_same(eager, compiled)
 
