@@ -4,7 +4,8 @@ checkpoints, and resumes and rolls back like an eager run.
 
 Most tests compile with :class:`Counting`, a backend that records each graph and runs it as
 traced (the same torch ops as eager: the runs are bit-exact), or ``aot_eager``; one test uses
-the default inductor backend (it generates C++ and compiles it with gcc: ~10-15 s here).
+the default inductor backend (it generates C++ and compiles it with gcc: 3-10 s with a warm
+inductor cache, 15-55 s cold on the shared 2-core machine).
 """
 
 import math
@@ -100,7 +101,7 @@ def test_inductor_run_equals_eager_run_within_tolerance():
     """The default backend (inductor: fused C++ kernels, compiled with gcc). Fusion reorders
     float32 sums and uses other exp/tanh implementations: a few ulp per op, which grow
     over 14 Adam steps; measured max abs difference 1.5e-8 (weights ~0.1), asserted with
-    rtol 1e-4, atol 1e-6. It also times the compilation (on a loaded 2-core machine ~10-15 s)."""
+    rtol 1e-4, atol 1e-6."""
     eager, r_eager = _run()
     t = time.perf_counter()
     compiled, r_comp = _run(compile=True)

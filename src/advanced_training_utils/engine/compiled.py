@@ -17,7 +17,7 @@ data each epoch trains on and the result against an eager run. Why not pad it: p
 enter batch-norm statistics and the loss mean, so the math changes unless every model and
 criterion masks them. Eager is the same math, exactly; its cost is one batch per epoch (and one
 per validation pass) at eager speed, where a recompilation would cost a second compilation
-(about 15 s for a small model with the inductor backend on a CPU) and, with dynamo's automatic
+(15 to 55 s for a small MLP with the inductor backend on a shared 2-core CPU, cold cache) and, with dynamo's automatic
 dynamic shapes, a slower shape-generic graph for every later batch. Inputs that vary in more
 than the batch dimension (clips of different lengths) would all run eagerly: a WARNING says so
 once; pass ``compile_options={'dynamic': True}`` to compile one shape-generic graph, through
