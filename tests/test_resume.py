@@ -22,7 +22,8 @@ from advanced_training_utils.engine.config import (
 from advanced_training_utils.engine.resume import optimizer_spec
 
 CE = torch.nn.CrossEntropyLoss()
-BASE = dict(epochs=2, learning_rate=3e-3, device="cpu", verbose=False, seed=0, model_name="m")
+BASE = dict(epochs=2, learning_rate=3e-3, device="cpu", verbose=False, seed=0, model_name="m",
+            compile_options={"backend": "aot_eager"})  # compile=True below: no C++ to build
 
 # A new value for every option (valid, and different from BASE or the default). An option added
 # to TrainConfig without an entry here and a rule in RESUME_RULES fails the tests below.
@@ -35,6 +36,7 @@ CHANGED = {
     "max_lr": 1e-2, "pct_start": 0.5, "warmup_steps": 2, "gradient_clip": 0.5,
     "use_mixed_precision": True, "amp_dtype": "bfloat16", "use_augmentation": True,
     "augment": "emotion", "augment_options": {"noise_level": 0.2}, "early_stop_patience": 5,
+    "compile": True, "compile_options": {"backend": "eager"},
     "class_weights": "balanced", "sampler": "balanced",
     "min_delta": 0.01, "restore_best_weights": False, "check_stability": True,
     "stability_every": 2, "metrics": "accuracy", "monitor": "train_loss", "mode": "max",

@@ -40,6 +40,7 @@ from typing import Any, get_args
 from .._validate import check_choice, check_int, check_real
 from ..metrics import ClassificationStats, EpochMetrics, resolve_metrics
 from ..scheduler import SCHEDULER_TYPES
+from .compiled import check_compile_options
 from .options import (
     AmpDtype,
     Augment,
@@ -102,6 +103,8 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
             "use_mixed_precision", "amp_dtype"),
     **_same(FIXED, "the augmentation's random streams are restored",
             "use_augmentation", "augment", "augment_options"),
+    **_same(APPLIES, "the model's forward is compiled or not from the resumed step; it does "
+            "not change the math (compiled.py)", "compile", "compile_options"),
     "class_weights": (FIXED, "the loss each step minimises; the saved weights are restored"),
     "sampler": (FIXED, "the data each epoch draws, and the recorded order and generators"),
     "early_stop_patience": (APPLIES, "early stopping keeps its count of bad epochs and stops "
@@ -177,6 +180,9 @@ class TrainConfig:
     use_augmentation: bool = False
     augment: Augment = None
     augment_options: dict[str, Any] = field(default_factory=dict)
+    # torch.compile of the model's forward (engine/compiled.py); options: torch.compile's kwargs
+    compile: bool = False
+    compile_options: dict[str, Any] = field(default_factory=dict)
     # class imbalance (engine/balance.py)
     class_weights: ClassWeightsMode | None = None  # 'balanced': n / (n_classes * count_c)
     sampler: SamplerMode | None = None             # 'balanced': each class drawn equally often
@@ -308,6 +314,7 @@ class TrainConfig:
         check_choice("mode", self.mode, MODES)
         self._check_monitor(self._check_metrics())
         self._check_augment_options()
+        check_compile_options(self.compile, self.compile_options)
 
     def _check_scheduler(self) -> None:
         """Build the scheduler once on a throwaway optimizer, so that its own checks of

@@ -86,11 +86,17 @@ class Parts:
     accumulation_steps: int = 1
     metrics: EpochMetrics = field(default_factory=EpochMetrics)  # validation metrics
     module: torch.nn.Module | None = None   # the unwrapped model when ``model`` is DDP
+    val_model: Callable[[Any], Any] | None = None  # validation's forward (compile=True)
 
     @property
     def inner(self) -> torch.nn.Module:
         """The caller's model (``model`` itself unless it is wrapped in DDP)."""
         return self.module if self.module is not None else self.model
+
+    @property
+    def evaluated(self) -> Callable[[Any], Any]:
+        """Validation's forward: ``val_model`` (compiled) or the caller's model."""
+        return self.val_model if self.val_model is not None else self.inner
 
     def sync_context(self, boundary: bool) -> Any:
         """DDP's ``no_sync()`` for micro-batches before an accumulation boundary."""
@@ -149,7 +155,7 @@ class EpochSums:
         return cls(device=device)
 
 
-def _forward(p: Parts, x: Any, y: Any, where: str, model: torch.nn.Module | None = None
+def _forward(p: Parts, x: Any, y: Any, where: str, model: Callable[[Any], Any] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Model (``p.model`` unless given) and loss under autocast; a failure names the batch
     instead of a torch internal."""
@@ -296,7 +302,8 @@ def _close_window(p: Parts, w: _Window, sums: EpochSums, done: int,
 def evaluate(parts: Parts, loader: Iterable[Any]) -> EpochSums:
     """Mean loss and metrics over ``loader`` in eval mode, under the same autocast.
 
-    Runs the unwrapped model (``parts.inner``): under DDP, evaluation makes no collective, so
+    Runs the unwrapped model (``parts.evaluated``: ``parts.inner``, compiled with
+    ``compile=True``): under DDP, evaluation makes no collective, so
     ranks may hold validation shards of different lengths (the caller syncs buffers first).
     The metrics (``parts.metrics``) are reset, then updated per batch with tensor operations
     only (no host read for the built-ins); :func:`read_sums` computes them once.
@@ -309,7 +316,7 @@ def evaluate(parts: Parts, loader: Iterable[Any]) -> EpochSums:
     for batch in loader:
         x, y = split_batch(batch)
         x, y = to_device(x, p.device), to_device(y, p.device)
-        out, loss = _forward(p, x, y, f"validation batch {sums.batches}", p.inner)
+        out, loss = _forward(p, x, y, f"validation batch {sums.batches}", p.evaluated)
         sums.add(loss, batch_rows(y))
         p.metrics.update(out, y)
     return sums

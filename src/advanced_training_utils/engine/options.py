@@ -99,6 +99,8 @@ class TrainOptions(TypedDict, total=False):
     use_augmentation: bool
     augment: Augment
     augment_options: dict[str, Any]
+    compile: bool
+    compile_options: dict[str, Any]
     class_weights: ClassWeightsMode | None
     sampler: SamplerMode | None
     early_stop_patience: int | None

@@ -29,6 +29,7 @@ from ..precision import MixedPrecisionTrainer
 from ..scheduler import LearningRateScheduler
 from . import distributed
 from .balance import ClassWeights, balanced_loader, weigh_criterion
+from .compiled import compile_forward, unwrap_compiled
 from .config import TrainConfig
 from .dataorder import ResumableLoader, make_resumable
 from .health.guard import StepGuard
@@ -202,7 +203,8 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
                 val_loader: Iterable[Any] | None, criterion: Callable[..., torch.Tensor],
                 cfg: TrainConfig, device: torch.device, ctx: distributed.DistContext) -> RunParts:
     """Build the run's parts from ``cfg`` (the model moves to ``device``; loaders are sharded
-    under DDP)."""
+    under DDP; a ``torch.compile``'d model is unwrapped: its original module is the run's)."""
+    model = unwrap_compiled(model, cfg.compile)
     model.to(device)
     # class imbalance: from the whole training set (every rank the same), before sharding
     criterion, class_weights = weigh_criterion(criterion, train_loader, cfg, device,
@@ -235,6 +237,7 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
     if val_loader is None and (cfg.early_stop_patience is not None or scheduler.is_plateau):
         log.warning("no val_loader: early stopping / plateau scheduling follow the training loss")
     net = ctx.wrap(model, device)
+    fwd, val_fwd = _forwards(cfg, net, model)  # compile=True: compiled forwards (compiled.py)
     snapshot: dict[str, Stateful] = {   # what a rollback restores
         ck.MODEL_KEY: model,
         ck.OPTIMIZER_KEY: optimizer,
@@ -246,11 +249,12 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
                         rollback_after=cfg.rollback_after, lr_factor=cfg.rollback_lr_factor,
                         max_rollbacks=cfg.max_rollbacks, divergence_factor=cfg.divergence_factor)
     monitor = DivergenceMonitor(guard, recovery, cfg.recovery_check_every)
-    steps = Parts(model=net, criterion=criterion, optimizer=optimizer, precision=precision,
+    steps = Parts(model=fwd, criterion=criterion, optimizer=optimizer, precision=precision,
                   clipper=clipper, monitor=monitor, scheduler=scheduler,
                   augment=augment or identity, device=device,
                   accumulation_steps=cfg.accumulation_steps, metrics=metrics,
-                  module=model if net is not model else None)
+                  module=model if fwd is not model else None,
+                  val_model=val_fwd if val_fwd is not model else None)
     loader = make_resumable(train_loader, (val_loader,))
     progress = RunProgress(best_loss=selection.worst)
     position = EpochPosition(loader, progress)
@@ -271,6 +275,16 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
                     first_check=first_check, selection=selection, progress=progress,
                     position=position, table=table, rank=RankState(guard, position, device),
                     class_weights=class_weights)
+
+
+def _forwards(cfg: TrainConfig, net: torch.nn.Module, model: torch.nn.Module
+              ) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """The training and validation forwards: ``net`` (DDP or the model) and ``model``; with
+    ``compile=True`` each compiled (validation's without DDP: it makes no collective)."""
+    if not cfg.compile:
+        return net, model
+    fwd = compile_forward(net, cfg.compile_options)
+    return fwd, fwd if net is model else compile_forward(model, cfg.compile_options)
 
 
 def _float_dtype(model: torch.nn.Module) -> torch.dtype | None:
