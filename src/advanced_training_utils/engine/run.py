@@ -86,9 +86,9 @@ def train_model_advanced(
             ``plateau_patience`` (its ``patience``; a bare ``patience=`` is refused, since early
             stopping has one too). Precision: ``use_mixed_precision``, ``amp_dtype`` (None:
             float16 on CUDA, bfloat16 on CPU). Augmentation: ``use_augmentation``, ``augment``
-            (``'audio'``, ``'emotion'``, ``'notes'`` or a callable; with None nothing is applied
-            and a warning is logged), ``augment_options``. Class imbalance (``'balanced'``,
-            :mod:`.balance`): ``class_weights``, ``sampler``. Stopping and checks:
+            (``'audio'``/``'emotion'``/``'notes'``, a callable; None: warned), ``augment_options``,
+            ``augment_targets`` (maps ``(x, y)``); soft targets: ``mixup_alpha``, ``cutmix_alpha``,
+            ``label_smoothing``. Balance: ``class_weights``, ``sampler``. Stopping and checks:
             ``early_stop_patience``, ``min_delta``, ``restore_best_weights``,
             ``check_stability``, ``stability_every``, ``metrics`` (``uar``, ``macro_f1``,
             ``accuracy``, ``per_class_recall``, ``ccc``, ``mae``, torchmetrics objects,
