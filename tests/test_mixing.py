@@ -318,6 +318,23 @@ def test_a_one_argument_augment_gets_the_inputs_and_the_targets_pass_through():
     assert torch.equal(torch.cat(targets), make_data(32).tensors[1])
 
 
+def test_a_pair_augment_declared_with_augment_targets_gets_and_returns_the_targets():
+    targets = []
+
+    def criterion(out, t):
+        targets.append(t)
+        return F.cross_entropy(out, t)
+
+    def relabel(x, y):  # a callable that sees the labels and changes them
+        return x, (y + 1) % 3
+
+    data = make_data(32)
+    tl = torch.utils.data.DataLoader(data, batch_size=16)
+    train_model_advanced(make_model(1), tl, None, criterion, epochs=1, use_augmentation=True,
+                         augment=relabel, augment_targets=True, **QUIET)
+    assert torch.equal(torch.cat(targets), (data.tensors[1] + 1) % 3)
+
+
 def test_a_pair_augment_must_return_inputs_and_targets():
     tl = torch.utils.data.DataLoader(make_data(32), batch_size=16)
     with pytest.raises(TypeError, match=r"augment_targets=True: augment must return \(inputs, "
