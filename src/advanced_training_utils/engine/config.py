@@ -356,11 +356,11 @@ class TrainConfig:
                                        " (add the metric to metrics= to monitor it)"))
 
     def _check_mixing(self) -> None:
-        """``augment_targets`` (a callable ``augment`` then takes ``(inputs, targets)``), the
-        alphas (> 0 or None) and ``label_smoothing`` in [0, 1)."""
+        """``augment_targets`` (a callable ``augment`` then takes ``(inputs, targets)``; refused
+        with a built-in modality), the alphas (> 0 or None) and ``label_smoothing`` in [0, 1)."""
         if not isinstance(self.augment_targets, bool):
             raise TypeError(f"augment_targets must be a bool, got {self.augment_targets!r}")
-        if self.augment_targets and not callable(self.augment):
+        if self.augment_targets and isinstance(self.augment, str):  # a built-in: inputs only
             raise ValueError("augment_targets=True needs a callable augment= taking and returning "
                              f"(inputs, targets); got augment={self.augment!r}")
         for name in ("mixup_alpha", "cutmix_alpha"):
