@@ -23,8 +23,8 @@ probability.
 
 Random draws (repeatable, resumable): every draw comes from one host-side
 ``numpy.random.Generator`` (PCG64) seeded with ``seed`` (None: a seed is drawn once from
-torch's global CPU RNG at the first call, so ``torch.manual_seed`` makes runs repeatable), and
-its state is :meth:`state_dict`. Per mixed batch of ``B`` examples, in this order:
+torch's global CPU RNG when the object is made, so ``torch.manual_seed`` makes runs
+repeatable), and its state is :meth:`state_dict`. Per mixed batch of ``B`` examples, in this order:
 
 1. with both alphas set: ``rng.random() < 0.5`` picks cutmix, else mixup;
 2. ``lam = rng.beta(alpha, alpha)``;
@@ -69,7 +69,7 @@ class BatchMixing:
         cutmix_alpha: Beta(alpha, alpha) of the time-segment mix (> 0; None: none).
         label_smoothing: ``eps`` in [0, 1) for class-index targets.
         num_classes: ``C`` for class-index targets (None: set later, by :meth:`set_classes`).
-        seed: seeds the draws (None: drawn from torch's global CPU RNG at the first call).
+        seed: seeds the draws (None: a seed drawn from torch's global CPU RNG, here).
 
     Raises:
         ValueError / TypeError: an argument out of range, named.
@@ -88,7 +88,9 @@ class BatchMixing:
             check_int("seed", seed, low=0)
         self.num_classes = num_classes
         self.dtype = torch.get_default_dtype()  # of the probabilities made from class indices
-        self._rng = np.random.default_rng(seed) if seed is not None else None
+        if seed is None:  # one draw from torch's global CPU RNG: repeatable under manual_seed
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self._rng = np.random.default_rng(seed)
 
     @property
     def mixes(self) -> bool:
@@ -118,7 +120,7 @@ class BatchMixing:
                    else type(x).__name__)
             raise TypeError(f"mixup_alpha/cutmix_alpha mix floating-point input tensors [B, ...] "
                             f"(2 or more dims), got {got}")
-        rng = self._generator()
+        rng = self._rng
         cut = self.cutmix_alpha is not None and (self.mixup_alpha is None or rng.random() < 0.5)
         alpha = self.cutmix_alpha if cut else self.mixup_alpha
         lam = float(rng.beta(alpha, alpha))
@@ -164,22 +166,13 @@ class BatchMixing:
         eps = self.label_smoothing              # on the first batch by the engine
         return t * (1 - eps) + eps / self.num_classes if eps else t
 
-    # ------------------------------------------------------------------ randomness, state
-    def _generator(self) -> np.random.Generator:
-        if self._rng is None:  # seed=None: one seed from torch's global CPU RNG (no device read)
-            self._rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
-        return self._rng
-
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The generator's state (plain ints and strings; None before a seed-less first call)."""
-        return {"rng": self._rng.bit_generator.state if self._rng is not None else None}
+        """The generator's state (plain ints and strings)."""
+        return {"rng": self._rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`: the next draws are the saved run's."""
-        saved = state["rng"]
-        if saved is None:
-            self._rng = None
-            return
-        rng = np.random.default_rng()
-        rng.bit_generator.state = saved
+        rng = np.random.default_rng(0)
+        rng.bit_generator.state = state["rng"]
         self._rng = rng
