@@ -35,6 +35,31 @@ Drawing on the host keeps the step free of device-to-host reads: the permutation
 the device without blocking, ``lam`` and the segment are Python numbers. With only label
 smoothing, nothing is drawn.
 
+In ``train_model_advanced`` (options ``mixup_alpha``, ``cutmix_alpha``, ``label_smoothing``;
+each one switches the mixing on, with or without ``use_augmentation``):
+
+* the training batches' hook is one batch function ``(inputs, targets) -> (inputs, targets)``:
+  the augmentation (``augment=``), then this mixing; with both off it is
+  ``engine.parts.identity`` (no copy, no kernel: the step costs what it did). Validation
+  batches are never augmented or mixed: the validation loss and every validation metric are
+  computed on the true labels.
+* the one rule for a callable ``augment``: it gets the inputs alone and returns new inputs (the
+  guide's ``augment=lambda x: ...``), unless ``augment_targets=True`` says it takes and returns
+  ``(inputs, targets)``. The signature is never inspected, since a guess (a second parameter
+  with a default, ``*args``) could silently change what the callable receives.
+* ``C`` is the model output's second dimension on the first training batch (the first-batch
+  check runs the model once in eval mode); the probabilities take the output's dtype. The same
+  check refuses, before any step and naming the options, a ``torch.nn.NLLLoss`` (class indices
+  only), an output that is not ``[B, C]``, labels outside ``[0, C)``, and any ``torch.nn.Module``
+  criterion that raises on the probability targets (it is called once on the first batch; a
+  plain-function criterion is not called ahead, since it may count or log its calls).
+* the generator's state is the checkpoint's ``mixing`` entry, so a resumed run (mid-epoch too)
+  draws what the uninterrupted run draws. Under DDP every rank draws the same ``lam`` and
+  permutation for its own shard.
+* with ``class_weights='balanced'``, torch's ``CrossEntropyLoss`` with probability targets
+  averages the weighted loss over the batch's examples, not over the sum of the targets' class
+  weights as it does for class indices: the two losses are scaled differently.
+
 Example:
     >>> mix = BatchMixing(mixup_alpha=0.4, num_classes=3, seed=0)
     >>> x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 1])
