@@ -36,7 +36,8 @@ def _onehot(y, c, dtype=torch.float64):
 # ------------------------------------------------------------ the loss against hand computations
 def test_mixup_soft_target_loss_equals_the_hand_computation():
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(8, 5, dtype=torch.float64, generator=g), torch.randint(0, 3, (8,), generator=g)
+    x = torch.randn(8, 5, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (8,), generator=g)
     lin = torch.nn.Linear(5, 3).double()
     xm, t = _mixer(mixup_alpha=0.4)(x, y)
     rng = np.random.default_rng(7)  # the documented draws: lam, then the permutation
@@ -110,7 +111,8 @@ def test_both_alphas_switch_per_batch_as_documented():
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.35])
 def test_label_smoothing_equals_torchs_cross_entropy_label_smoothing(eps):
     g = torch.Generator().manual_seed(3)
-    out, y = torch.randn(16, 5, dtype=torch.float64, generator=g), torch.randint(0, 5, (16,), generator=g)
+    out = torch.randn(16, 5, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 5, (16,), generator=g)
     _, t = _mixer(num_classes=5, label_smoothing=eps)(torch.zeros(16, 2), y)
     ref = torch.nn.CrossEntropyLoss(label_smoothing=eps)(out, y)
     assert torch.allclose(CE(out, t), ref, rtol=1e-13, atol=0)
@@ -119,7 +121,8 @@ def test_label_smoothing_equals_torchs_cross_entropy_label_smoothing(eps):
 
 def test_label_smoothing_with_mixup_mixes_the_smoothed_targets():
     g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(8, 3, dtype=torch.float64, generator=g), torch.randint(0, 4, (8,), generator=g)
+    x = torch.randn(8, 3, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (8,), generator=g)
     _, t = _mixer(num_classes=4, mixup_alpha=1.0, label_smoothing=0.2)(x, y)
     rng = np.random.default_rng(7)
     lam, perm = rng.beta(1.0, 1.0), torch.from_numpy(rng.permutation(8))
@@ -420,5 +423,5 @@ def test_class_targets_need_a_model_output_of_classes():
     with pytest.raises(ValueError, match=r"with cutmix_alpha=1.0 and class-index targets the "
                                          r"model output must be \[B, C\] \(C classes\), got "
                                          r"\(8, 2, 1\)"):
-        train_model_advanced(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Unflatten(1, (2, 1))),
-                             tl, None, crit, epochs=1, cutmix_alpha=1.0, **QUIET)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Unflatten(1, (2, 1)))
+        train_model_advanced(model, tl, None, crit, epochs=1, cutmix_alpha=1.0, **QUIET)

@@ -24,8 +24,9 @@ from .dataorder import find_generators
 from .loop import split_batch, to_device
 
 __all__ = ["check_device", "resolve_device", "infer_modality", "build_optimizer",
-           "build_augment", "build_mixing", "check_mixing", "BatchFn", "FirstBatchCheck", "rng_untouched", "check_labels",
-           "check_metric_outputs", "check_inputs", "loader_length"]
+           "build_augment", "build_mixing", "check_mixing", "BatchFn", "FirstBatchCheck",
+           "rng_untouched", "check_labels", "check_metric_outputs", "check_inputs",
+           "loader_length"]
 
 log = logging.getLogger(__name__)
 
