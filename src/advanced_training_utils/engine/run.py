@@ -88,7 +88,9 @@ def train_model_advanced(
             stopping has one too). Precision: ``use_mixed_precision``, ``amp_dtype`` (None:
             float16 on CUDA, bfloat16 on CPU). Augmentation: ``use_augmentation``, ``augment``
             (``'audio'``, ``'emotion'``, ``'notes'`` or a callable; with None nothing is applied
-            and a warning is logged), ``augment_options``. Compilation: ``compile``
+            and a warning is logged), ``augment_options``, ``augment_targets`` (True: a callable
+            ``augment`` maps ``(inputs, targets)``). Soft targets (:mod:`..mixing`):
+            ``mixup_alpha``, ``cutmix_alpha``, ``label_smoothing``. Compilation: ``compile``
             (:mod:`.compiled`), ``compile_options``. Class imbalance (``'balanced'``,
             :mod:`.balance`): ``class_weights``, ``sampler``. Stopping and checks:
             ``early_stop_patience``, ``min_delta``, ``restore_best_weights``,
