@@ -176,6 +176,12 @@ def cases(out, rank):
     torch.save(m.state_dict(), out / f"spike_rank{rank}.pt")
     res["spike"] = {"skipped": h["skipped_steps"],
                     "per_epoch": [e["skipped_steps"] for e in h["history"]]}
+    m = model()  # compile=True under DDP: the eager 'uar' case's weights; plain checkpoint keys
+    train_model_advanced(m, train, DataLoader(data(13, 1), batch_size=3),
+                         torch.nn.CrossEntropyLoss(), compile=True,
+                         compile_options={"backend": "aot_eager"},
+                         checkpoint_dir=out / "ck_compiled", **CASE_OPTS)
+    torch.save(m.state_dict(), out / f"compiled_rank{rank}.pt")
     res.update(metric_cases(out, rank, train))
     res["averaged"] = averaging_case(out, rank, train)
     (out / f"cases_rank{rank}.json").write_text(json.dumps(res))

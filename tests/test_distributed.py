@@ -308,6 +308,19 @@ def test_mid_epoch_resume_with_a_wrapped_sampler_is_exact(cases_run, name):
             assert torch.equal(a[k], b[k]), (r, k)
 
 
+def test_compile_under_ddp_trains_like_eager_and_saves_plain_keys(cases_run):
+    """compile=True (aot_eager) under two processes: the weights of the same eager run (the
+    'uar' case: metrics change no weight), within float32 rounding; the checkpoint's model
+    keys carry neither 'module.' (DDP) nor '_orig_mod.' (torch.compile)."""
+    out, _ = cases_run
+    for r in (0, 1):
+        compiled, eager = _weights(out / f"compiled_rank{r}.pt"), _weights(out / f"uar_rank{r}.pt")
+        for k in eager:
+            torch.testing.assert_close(compiled[k], eager[k], rtol=1e-6, atol=1e-7)
+    saved = load_checkpoint(out / "ck_compiled" / "model_last.pt")["model"]
+    assert list(saved) == list(ddp_worker.model().state_dict())
+
+
 def test_a_loss_spike_on_one_rank_is_skipped_on_both(cases_run):
     # Rank 0's loss spikes (+1000, gradients unchanged) at step SPIKE_AT, rank 1's is NaN at
     # NAN_AT: both ranks must skip both steps, like one process that sees both batches.

@@ -23,6 +23,7 @@ from advanced_training_utils.engine.resume import optimizer_spec
 
 CE = torch.nn.CrossEntropyLoss()
 BASE = dict(epochs=2, learning_rate=3e-3, device="cpu", verbose=False, seed=0, model_name="m",
+            compile_options={"backend": "aot_eager"},  # compile=True below: no C++ to build
             ema_decay=0.99)  # an EMA on, so that eval_ema=True is a valid change
 
 # A new value for every option (valid, and different from BASE or the default). An option added
@@ -35,7 +36,9 @@ CHANGED = {
     "plateau_patience": 2, "factor": 0.5, "T_max": 5, "gamma": 0.9, "step_size": 3, "min_lr": 1e-6,
     "max_lr": 1e-2, "pct_start": 0.5, "warmup_steps": 2, "gradient_clip": 0.5,
     "use_mixed_precision": True, "amp_dtype": "bfloat16", "use_augmentation": True,
-    "augment": "emotion", "augment_options": {"noise_level": 0.2}, "early_stop_patience": 5,
+    "compile": True, "compile_options": {"backend": "eager"},
+    "augment": "emotion", "augment_options": {"noise_level": 0.2}, "augment_targets": True,
+    "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "label_smoothing": 0.1, "early_stop_patience": 5,
     "class_weights": "balanced", "sampler": "balanced",
     "min_delta": 0.01, "restore_best_weights": False, "check_stability": True,
     "stability_every": 2, "metrics": "accuracy", "monitor": "train_loss", "mode": "max",

@@ -23,6 +23,7 @@ from .engine.config import TrainConfig
 from .engine.options import TrainOptions
 from .engine.presets import PRESETS, get_preset
 from .engine.run import train_model_advanced
+from .mixing import BatchMixing
 from .precision import MixedPrecisionTrainer
 from .scheduler import SCHEDULER_TYPES, LearningRateScheduler
 from .stability import TrainingStability
@@ -37,6 +38,7 @@ __all__ = [
     "AudioDataset",
     "AudioFolderDataset",
     "AudioSplits",
+    "BatchMixing",
     "CheckpointError",
     "CsvAudioDataset",
     "DataAugmentation",

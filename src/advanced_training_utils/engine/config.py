@@ -40,6 +40,7 @@ from typing import Any, get_args
 from .._validate import check_choice, check_int, check_real
 from ..metrics import ClassificationStats, EpochMetrics, resolve_metrics
 from ..scheduler import SCHEDULER_TYPES
+from .compiled import check_compile_options
 from .options import (
     AmpDtype,
     Augment,
@@ -102,6 +103,11 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
             "use_mixed_precision", "amp_dtype"),
     **_same(FIXED, "the augmentation's random streams are restored",
             "use_augmentation", "augment", "augment_options"),
+    **_same(APPLIES, "the model's forward is compiled or not from the resumed step; it does "
+            "not change the math (compiled.py)", "compile", "compile_options"),
+    "augment_targets": (FIXED, "how the augment callable is called"),
+    **_same(FIXED, "the training targets (the loss each step minimises) and the mixing's random "
+            "stream, which is restored", "mixup_alpha", "cutmix_alpha", "label_smoothing"),
     "class_weights": (FIXED, "the loss each step minimises; the saved weights are restored"),
     "sampler": (FIXED, "the data each epoch draws, and the recorded order and generators"),
     "early_stop_patience": (APPLIES, "early stopping keeps its count of bad epochs and stops "
@@ -181,6 +187,14 @@ class TrainConfig:
     use_augmentation: bool = False
     augment: Augment = None
     augment_options: dict[str, Any] = field(default_factory=dict)
+    # torch.compile of the model's forward (engine/compiled.py); options: torch.compile's kwargs
+    compile: bool = False
+    compile_options: dict[str, Any] = field(default_factory=dict)
+    augment_targets: bool = False  # True: a callable augment takes and returns (inputs, targets)
+    # augmentation that sees the labels (mixing.py): soft targets; on their own switches
+    mixup_alpha: float | None = None
+    cutmix_alpha: float | None = None  # time-segment mixing along the last (time) axis
+    label_smoothing: float = 0.0
     # class imbalance (engine/balance.py)
     class_weights: ClassWeightsMode | None = None  # 'balanced': n / (n_classes * count_c)
     sampler: SamplerMode | None = None             # 'balanced': each class drawn equally often
@@ -287,6 +301,7 @@ class TrainConfig:
             check_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
         if self.augment is not None and not callable(self.augment):
             check_choice("augment", self.augment, AUGMENT_MODALITIES)
+        self._check_mixing()
         if self.class_weights is not None:
             check_choice("class_weights", self.class_weights, CLASS_WEIGHT_MODES)
         if self.sampler is not None:
@@ -318,6 +333,7 @@ class TrainConfig:
         check_choice("mode", self.mode, MODES)
         self._check_monitor(self._check_metrics())
         self._check_augment_options()
+        check_compile_options(self.compile, self.compile_options)
 
     def _check_averaging(self) -> None:
         """``ema_decay`` in (0, 1) or None, ``swa_start`` an epoch of the run or None;
@@ -370,6 +386,20 @@ class TrainConfig:
         raise ValueError(f"monitor must be a key the run logs, one of {', '.join(known)}; got "
                          f"{key!r}" + ("" if metrics.keys() else
                                        " (add the metric to metrics= to monitor it)"))
+
+    def _check_mixing(self) -> None:
+        """``augment_targets`` (a callable ``augment`` then takes ``(inputs, targets)``; refused
+        with a built-in modality), the alphas (> 0 or None) and ``label_smoothing`` in [0, 1)."""
+        if not isinstance(self.augment_targets, bool):
+            raise TypeError(f"augment_targets must be a bool, got {self.augment_targets!r}")
+        if self.augment_targets and isinstance(self.augment, str):  # a built-in: inputs only
+            raise ValueError("augment_targets=True needs a callable augment= taking and returning "
+                             f"(inputs, targets); got augment={self.augment!r}")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) is not None:
+                check_real(name, getattr(self, name), low=0.0, low_inclusive=False)
+        check_real("label_smoothing", self.label_smoothing, low=0.0, high=1.0,
+                   high_inclusive=False)
 
     def _check_augment_options(self) -> None:
         """Check ``augment_options`` against the built-in augmentation they will be passed to.

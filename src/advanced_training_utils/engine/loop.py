@@ -72,7 +72,8 @@ class Parts:
 
     ``scheduler`` is stepped per optimizer step when its ``interval`` is ``'batch'`` (a
     ``LearningRateScheduler``, or ``engine.parts.NoSchedule`` with ``interval='never'``);
-    ``augment`` is applied to every training batch (``engine.parts.identity`` when off);
+    ``augment`` is applied to every training batch, ``(inputs, targets) -> (inputs, targets)``
+    (``engine.parts.identity`` when off); validation batches are never augmented;
     ``average`` is updated after each optimizer step with the guard's verdict (the EMA of
     ``engine/averaging.py``; ``NoAverage``, an empty method, when off).
     """
@@ -84,17 +85,23 @@ class Parts:
     clipper: GradientClipper
     monitor: StepDecider
     scheduler: Any
-    augment: Callable[[Any], Any]
+    augment: Callable[[Any, Any], tuple[Any, Any]]
     device: torch.device
     accumulation_steps: int = 1
     metrics: EpochMetrics = field(default_factory=EpochMetrics)  # validation metrics
     module: torch.nn.Module | None = None   # the unwrapped model when ``model`` is DDP
     average: Average = field(default_factory=NoAverage)  # per-step weight average (EMA)
+    val_model: Callable[[Any], Any] | None = None  # validation's forward (compile=True)
 
     @property
     def inner(self) -> torch.nn.Module:
         """The caller's model (``model`` itself unless it is wrapped in DDP)."""
         return self.module if self.module is not None else self.model
+
+    @property
+    def evaluated(self) -> Callable[[Any], Any]:
+        """Validation's forward: ``val_model`` (compiled) or the caller's model."""
+        return self.val_model if self.val_model is not None else self.inner
 
     def sync_context(self, boundary: bool) -> Any:
         """DDP's ``no_sync()`` for micro-batches before an accumulation boundary."""
@@ -153,7 +160,7 @@ class EpochSums:
         return cls(device=device)
 
 
-def _forward(p: Parts, x: Any, y: Any, where: str, model: torch.nn.Module | None = None
+def _forward(p: Parts, x: Any, y: Any, where: str, model: Callable[[Any], Any] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Model (``p.model`` unless given) and loss under autocast; a failure names the batch
     instead of a torch internal."""
@@ -217,7 +224,7 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
                 epoch: int = 0) -> EpochSums:
     """Train over ``loader`` once (from batch ``start`` when resuming mid-epoch).
 
-    Per batch: augment (train only) -> autocast forward -> weighted loss -> scaled backward; at
+    Per batch: augment ``(x, y)`` (train only) -> autocast forward -> weighted loss -> scaled backward; at
     each accumulation boundary: unscale -> clip -> guard (step or skip) -> scaler update ->
     per-batch scheduler step -> ``after_step(batches_done, sums)`` (checkpoints, preemption,
     recovery checks). Gradients are zeroed at the start of each accumulation window, so the last
@@ -247,7 +254,7 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
     for i, batch, last in _marked(loader, start, n_batches, accum):
         x, y = split_batch(batch)
         x, y = to_device(x, p.device), to_device(y, p.device)
-        x = p.augment(x)
+        x, y = p.augment(x, y)
         size = batch_rows(y)
         if w is None:
             p.optimizer.zero_grad(set_to_none=True)
@@ -303,14 +310,15 @@ def evaluate(parts: Parts, loader: Iterable[Any], model: torch.nn.Module | None 
     """Mean loss and metrics over ``loader`` in eval mode, under the same autocast.
 
     Runs ``model`` if given (the averaged weights' own module, ``eval_ema``), else the
-    unwrapped model (``parts.inner``): under DDP, evaluation makes no collective, so
+    unwrapped model (``parts.evaluated``: ``parts.inner``, compiled with ``compile=True``):
+    under DDP, evaluation makes no collective, so
     ranks may hold validation shards of different lengths (the caller syncs buffers first).
     The metrics (``parts.metrics``) are reset, then updated per batch with tensor operations
     only (no host read for the built-ins); :func:`read_sums` computes them once.
     """
     p = parts
     p.model.eval()
-    net = p.inner if model is None else model.eval()
+    net = p.evaluated if model is None else model.eval()
     sums = EpochSums.zeros(p.device)
     sums.metrics = p.metrics
     p.metrics.reset()  # torchmetrics objects too: each epoch is computed on its own

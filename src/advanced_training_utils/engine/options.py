@@ -59,8 +59,9 @@ Mode = Literal["min", "max"]
 #: An optimizer over the model's parameters, or a factory taking the trainable parameters.
 OptimizerSpec = (torch.optim.Optimizer
                  | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None)
-#: A built-in augmentation by name, or a callable ``inputs -> augmented inputs``.
-Augment = AugmentModality | Callable[[Any], Any] | None
+#: A built-in augmentation by name, or a callable ``inputs -> augmented inputs`` (with
+#: ``augment_targets=True``: ``(inputs, targets) -> (inputs, targets)``).
+Augment = AugmentModality | Callable[..., Any] | None
 #: ``class_weights``: inverse-frequency weights for the criterion (``engine/balance.py``).
 ClassWeightsMode = Literal["balanced"]
 #: ``sampler``: draw each class equally often (``engine/balance.py``).
@@ -99,6 +100,12 @@ class TrainOptions(TypedDict, total=False):
     use_augmentation: bool
     augment: Augment
     augment_options: dict[str, Any]
+    compile: bool
+    compile_options: dict[str, Any]
+    augment_targets: bool
+    mixup_alpha: float | None
+    cutmix_alpha: float | None
+    label_smoothing: float
     class_weights: ClassWeightsMode | None
     sampler: SamplerMode | None
     early_stop_patience: int | None

@@ -6,8 +6,8 @@ of stateful parts (:mod:`.state`) that checkpoints, resumes and recovery's snaps
 
 A feature that is off is a no-op object, so that neither the loop nor the run tests for None:
 no scheduler is :class:`NoSchedule` (``interval='never'``), no early stopping is
-:class:`NoEarlyStopping`, no augmentation is :func:`identity` (and :class:`~.state.NoState` in
-the table), no weight average is :class:`~.averaging.NoAverage`.
+:class:`NoEarlyStopping`, no augmentation and no mixing is :func:`identity` (and
+:class:`~.state.NoState` in the table), no weight average is :class:`~.averaging.NoAverage`.
 """
 
 from __future__ import annotations
@@ -25,18 +25,27 @@ from .. import checkpoint as ck
 from ..clipping import GradientClipper
 from ..early_stopping import EarlyStopping
 from ..metrics import resolve_metrics
+from ..mixing import BatchMixing
 from ..precision import MixedPrecisionTrainer
 from ..scheduler import LearningRateScheduler
 from . import distributed
 from .averaging import EMA, SWA, Average, NoAverage
 from .balance import ClassWeights, balanced_loader, weigh_criterion
+from .compiled import compile_forward, unwrap_compiled
 from .config import TrainConfig
 from .dataorder import ResumableLoader, make_resumable
 from .health.guard import StepGuard
 from .health.monitor import DivergenceMonitor
 from .health.recovery import Recovery
 from .loop import Parts, split_batch, to_device
-from .prepare import FirstBatchCheck, build_augment, build_optimizer, loader_length
+from .prepare import (
+    BatchFn,
+    FirstBatchCheck,
+    build_augment,
+    build_mixing,
+    build_optimizer,
+    loader_length,
+)
 from .resume import optimizer_spec
 from .state import (
     PROGRESS,
@@ -55,9 +64,18 @@ __all__ = ["NoSchedule", "NoEarlyStopping", "RunEarlyStopping", "Selection", "id
 log = logging.getLogger(__name__)
 
 
-def identity(x: Any) -> Any:
-    """No augmentation: the batch itself (no copy, no kernel)."""
-    return x
+def identity(x: Any, y: Any) -> tuple[Any, Any]:
+    """No augmentation: the batch's inputs and targets themselves (no copy, no kernel)."""
+    return x, y
+
+
+def _then_mix(augment: BatchFn | None, mixing: BatchMixing | None) -> BatchFn:
+    """The training batches' hook: the augmentation, then the mixing (identity when off)."""
+    if mixing is None:
+        return augment or identity
+    if augment is None:
+        return mixing
+    return lambda x, y: mixing(*augment(x, y))
 
 
 class NoSchedule:
@@ -206,7 +224,8 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
                 val_loader: Iterable[Any] | None, criterion: Callable[..., torch.Tensor],
                 cfg: TrainConfig, device: torch.device, ctx: distributed.DistContext) -> RunParts:
     """Build the run's parts from ``cfg`` (the model moves to ``device``; loaders are sharded
-    under DDP)."""
+    under DDP; a ``torch.compile``'d model is unwrapped: its original module is the run's)."""
+    model = unwrap_compiled(model, cfg.compile)
     model.to(device)
     # class imbalance: from the whole training set (every rank the same), before sharding
     criterion, class_weights = weigh_criterion(criterion, train_loader, cfg, device,
@@ -230,15 +249,17 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
     n_batches = loader_length(train_loader)  # None: no length (an IterableDataset, say)
     scheduler = _build_scheduler(cfg, optimizer, n_batches)
     metrics = resolve_metrics(cfg.metrics, device=device)
-    first_check = FirstBatchCheck(cfg, criterion, model, device,  # on this rank's first batch
-                                  metrics)
     augment, augmenter = build_augment(cfg, cfg.seed)
+    mixing = build_mixing(cfg)
+    first_check = FirstBatchCheck(cfg, criterion, model, device,  # on this rank's first batch
+                                  metrics, mixing)
     selection = _selection(cfg, val_loader is not None)
     early = (RunEarlyStopping(cfg.early_stop_patience, cfg.min_delta, cfg.mode)
              if cfg.early_stop_patience is not None else NoEarlyStopping())
     if val_loader is None and (cfg.early_stop_patience is not None or scheduler.is_plateau):
         log.warning("no val_loader: early stopping / plateau scheduling follow the training loss")
     net = ctx.wrap(model, device)
+    fwd, val_fwd = _forwards(cfg, net, model)  # compile=True: compiled forwards (compiled.py)
     loader = make_resumable(train_loader, (val_loader,))
     ema, swa, evaluated = _build_averages(cfg, model, loader, device, val_loader is not None)
     snapshot: dict[str, Stateful] = {   # what a rollback restores
@@ -254,17 +275,19 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
                         rollback_after=cfg.rollback_after, lr_factor=cfg.rollback_lr_factor,
                         max_rollbacks=cfg.max_rollbacks, divergence_factor=cfg.divergence_factor)
     monitor = DivergenceMonitor(guard, recovery, cfg.recovery_check_every)
-    steps = Parts(model=net, criterion=criterion, optimizer=optimizer, precision=precision,
+    steps = Parts(model=fwd, criterion=criterion, optimizer=optimizer, precision=precision,
                   clipper=clipper, monitor=monitor, scheduler=scheduler,
-                  augment=augment or identity, device=device,
+                  augment=_then_mix(augment, mixing), device=device,
                   accumulation_steps=cfg.accumulation_steps, metrics=metrics,
-                  module=model if net is not model else None, average=ema)
+                  module=model if fwd is not model else None,
+                  val_model=val_fwd if val_fwd is not model else None, average=ema)
     progress = RunProgress(best_loss=selection.worst)
     position = EpochPosition(loader, progress)
     table: dict[str, Stateful] = {  # the checkpoint: one line per stateful part
         **snapshot,
         ck.EARLY_STOPPING_KEY: early,
         ck.AUGMENTATION_KEY: augmenter or NoState(),
+        ck.MIXING_KEY: mixing or NoState(),
         PROGRESS: progress,
         ck.EPOCH_ORDER_KEY: position,
         ck.CONFIG_KEY: Fixed(cfg.to_plain()),
@@ -307,6 +330,16 @@ def _bn_inputs(loader: ResumableLoader, device: torch.device) -> Iterator[Any]:
             yield to_device(split_batch(batch)[0], device)
     finally:
         loader.load_rng_state(state)
+
+
+def _forwards(cfg: TrainConfig, net: torch.nn.Module, model: torch.nn.Module
+              ) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """The training and validation forwards: ``net`` (DDP or the model) and ``model``; with
+    ``compile=True`` each compiled (validation's without DDP: it makes no collective)."""
+    if not cfg.compile:
+        return net, model
+    fwd = compile_forward(net, cfg.compile_options)
+    return fwd, fwd if net is model else compile_forward(model, cfg.compile_options)
 
 
 def _float_dtype(model: torch.nn.Module) -> torch.dtype | None:

@@ -42,6 +42,7 @@ import torch
 from .. import checkpoint as ck
 from ..stability import TrainingStability
 from . import distributed
+from .compiled import plain_checkpoint, plain_keys
 from .config import TrainConfig
 from .health.monitor import EpochHealth
 from .health.recovery import RecoveryEvent
@@ -87,7 +88,10 @@ def train_model_advanced(model: torch.nn.Module, train_loader: Iterable[Any],
             stopping has one too). Precision: ``use_mixed_precision``, ``amp_dtype`` (None:
             float16 on CUDA, bfloat16 on CPU). Augmentation: ``use_augmentation``, ``augment``
             (``'audio'``, ``'emotion'``, ``'notes'`` or a callable; with None nothing is applied
-            and a warning is logged), ``augment_options``. Class imbalance (``'balanced'``,
+            and a warning is logged), ``augment_options``, ``augment_targets`` (True: a callable
+            ``augment`` maps ``(inputs, targets)``). Soft targets (:mod:`..mixing`):
+            ``mixup_alpha``, ``cutmix_alpha``, ``label_smoothing``. Compilation: ``compile``
+            (:mod:`.compiled`), ``compile_options``. Class imbalance (``'balanced'``,
             :mod:`.balance`): ``class_weights``, ``sampler``. Stopping and checks:
             ``early_stop_patience``, ``min_delta``, ``restore_best_weights``,
             ``check_stability``, ``stability_every``, ``metrics`` (``uar``, ``macro_f1``,
@@ -118,8 +122,7 @@ def train_model_advanced(model: torch.nn.Module, train_loader: Iterable[Any],
             repeated failed writes, or (``RunLockedError``) another live run using the same
             ``checkpoint_dir`` and ``model_name`` (the message names its pid and host).
         TrainingDivergedError: recovery used up its rollbacks (``.diagnosis`` says why).
-        TrainingPreempted: after SIGTERM/SIGINT and the checkpoint (a ``SystemExit``; code 143
-            or 130).
+        TrainingPreempted: after SIGTERM/SIGINT and the checkpoint (``SystemExit``, 143/130).
     """
     cfg = TrainConfig.from_options(**options)
     check_inputs(model, train_loader, val_loader, criterion)
@@ -232,6 +235,7 @@ class _Run:
 
     def _load(self, path: Path, state: dict[str, Any]) -> None:
         p, ctx = self.parts, self.ctx
+        state = plain_checkpoint(state, path)  # weights saved from a compiled or DDP model
         check_options(state.get(ck.CONFIG_KEY), self.cfg, path)
         check_optimizer(state.get(ck.OPTIMIZER_SPEC_KEY), state[ck.OPTIMIZER_KEY], p.optimizer,
                         p.opt_spec, path)
@@ -242,9 +246,9 @@ class _Run:
         load_parts(p.table, state)
         prog = p.progress
         if self.cfg.restore_best_weights:  # a damaged _best.pt falls back with a warning
-            prog.best_weights = self.files.best_weights(prog.best_epoch, state,
-                                                        map_location=p.steps.device,
-                                                        entry=prog.best_kind)
+            best = self.files.best_weights(prog.best_epoch, state, map_location=p.steps.device,
+                                           entry=prog.best_kind)
+            prog.best_weights = plain_keys(best, path) if best is not None else None
         p.rank.load_state_dict(ranks[ctx.rank])
         self.files.rewrite_metrics(prog.history)
         log.info("resumed from %s at epoch %d, batch %d", path, prog.epoch, prog.step)
