@@ -57,16 +57,16 @@ def test_switched_off_features_are_no_ops_in_the_parts_and_the_table():
     assert isinstance(p.table[ck.MIXING_KEY], NoState)
     # no weight averaging: the loop's per-step hook is NoAverage's empty method
     assert isinstance(p.steps.average, NoAverage) and p.table[ck.EMA_KEY] is p.steps.average
-    assert isinstance(p.table[ck.SWA_KEY], NoAverage) and isinstance(p.evaluated, NoAverage)
+    assert isinstance(p.table[ck.SWA_KEY], NoAverage) and isinstance(p.eval_average, NoAverage)
 
 
 def test_switched_on_averages_are_in_the_table_the_snapshot_and_the_loop():
     p = _parts(ema_decay=0.99, swa_start=1, eval_ema=True)
     assert isinstance(p.steps.average, EMA) and p.table[ck.EMA_KEY] is p.ema is p.steps.average
-    assert isinstance(p.swa, SWA) and p.table[ck.SWA_KEY] is p.swa is p.evaluated
+    assert isinstance(p.swa, SWA) and p.table[ck.SWA_KEY] is p.swa is p.eval_average
     assert p.monitor.recovery.parts[ck.EMA_KEY] is p.ema
     assert p.monitor.recovery.parts[ck.SWA_KEY] is p.swa
-    assert _parts(ema_decay=0.99, eval_ema=True).evaluated.kind == "ema"
+    assert _parts(ema_decay=0.99, eval_ema=True).eval_average.kind == "ema"
 
 
 def test_switched_on_features_are_the_real_objects():

@@ -205,7 +205,7 @@ class RunParts:
     class_weights: ClassWeights       # the criterion's class weights (balance.py; off: None)
     ema: Average                      # ema_decay: per-step EMA (averaging.py; off: NoAverage)
     swa: Average                      # swa_start: per-epoch SWA (off: NoAverage)
-    evaluated: Average                # eval_ema: the average validation runs on (else NoAverage)
+    eval_average: Average             # eval_ema: the average validation runs on (else NoAverage)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -261,7 +261,7 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
     net = ctx.wrap(model, device)
     fwd, val_fwd = _forwards(cfg, net, model)  # compile=True: compiled forwards (compiled.py)
     loader = make_resumable(train_loader, (val_loader,))
-    ema, swa, evaluated = _build_averages(cfg, model, loader, device, val_loader is not None)
+    ema, swa, eval_average = _build_averages(cfg, model, loader, device, val_loader is not None)
     snapshot: dict[str, Stateful] = {   # what a rollback restores
         ck.MODEL_KEY: model,
         ck.OPTIMIZER_KEY: optimizer,
@@ -300,7 +300,7 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
                     steps=steps, scheduler=scheduler, early=early, monitor=monitor,
                     first_check=first_check, selection=selection, progress=progress,
                     position=position, table=table, rank=RankState(guard, position, device),
-                    class_weights=class_weights, ema=ema, swa=swa, evaluated=evaluated)
+                    class_weights=class_weights, ema=ema, swa=swa, eval_average=eval_average)
 
 
 def _build_averages(cfg: TrainConfig, model: torch.nn.Module, loader: ResumableLoader,
@@ -314,9 +314,9 @@ def _build_averages(cfg: TrainConfig, model: torch.nn.Module, loader: ResumableL
     if cfg.eval_ema and not has_val:
         log.warning("eval_ema=True without a val_loader: the best epoch follows the live "
                     "model's training loss")
-    evaluated = (swa if cfg.swa_start is not None else ema) if cfg.eval_ema and has_val \
+    eval_average = (swa if cfg.swa_start is not None else ema) if cfg.eval_ema and has_val \
         else NoAverage()
-    return ema, swa, evaluated
+    return ema, swa, eval_average
 
 
 def _bn_inputs(loader: ResumableLoader, device: torch.device) -> Iterator[Any]:

@@ -305,7 +305,7 @@ class _Run:
         if p.val_loader is None:
             return None
         self.ctx.sync_buffers(p.model)  # evaluation runs without DDP (uneven val shards)
-        averaged = p.evaluated.module()  # eval_ema: the average's own copy; else None (live)
+        averaged = p.eval_average.module()  # eval_ema: the average's own copy; else None (live)
         if averaged is not None:
             self.ctx.sync_buffers(averaged)  # SWA's batch-norm pass ran on each rank's shard
         val = evaluate(p.steps, p.val_loader, averaged)
@@ -349,10 +349,10 @@ class _Run:
             monitored, prog.best_loss, self.cfg.min_delta)
         if improved:
             prog.best_loss, prog.best_epoch = monitored, epoch
-            prog.best_kind = p.evaluated.holds
+            prog.best_kind = p.eval_average.holds
             if self.cfg.restore_best_weights:
                 weights = (p.model.state_dict() if prog.best_kind == "model"
-                           else p.evaluated.weights())
+                           else p.eval_average.weights())
                 prog.best_weights = {k: v.detach().clone() for k, v in weights.items()}
         return improved
 
