@@ -74,32 +74,38 @@ _CSV_FLAGS = ("--target", "--split-column", "--group-column", "--path-column")
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``advtrain tune``."""
+    from ..cli import _HelpFormatter
     from ..tasks import TASKS
 
     t = subparsers.add_parser(
         "tune", help="search training options with Optuna (needs the tune extra)",
         description="Search training options: trials as processes, a pruner fed after each "
         "epoch, the study in DIR/study.db (resumable); writes DIR/best.yaml, trials.csv, "
-        "tune.png.", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--task", choices=TASKS, default=None, help="a built-in task (default: "
-                   "emotion; not with --data)")
-    t.add_argument("--data", type=Path, default=None, help="your audio, as for advtrain train")
+        "tune.png.", epilog=_EPILOG, formatter_class=_HelpFormatter)
+    t.add_argument("--task", choices=TASKS, default=None,
+                   help="a built-in task; not with --data (default: emotion)")
+    t.add_argument("--data", type=Path, default=None,
+                   help="your audio, as for advtrain train (default: none: --task)")
     for flag in _CSV_FLAGS:
-        t.add_argument(flag, default=None, help="as for advtrain train --data")
-    t.add_argument("--space", type=Path, required=True, help="the search space (YAML)")
-    t.add_argument("--trials", type=int, required=True, help="trials to finish (complete, "
-                   "pruned or failed; interrupted ones run again)")
-    t.add_argument("--out", type=Path, required=True, help="the tune's folder")
-    t.add_argument("--pruner", choices=PRUNERS, default="median", help="default: median")
+        t.add_argument(flag, default=None, help="as for advtrain train --data (default: none)")
+    t.add_argument("--space", type=Path, required=True,
+                   help="the search space, YAML (default: none; required)")
+    t.add_argument("--trials", type=int, required=True,
+                   help="trials to finish: complete, pruned or failed; interrupted ones run "
+                   "again (default: none; required)")
+    t.add_argument("--out", type=Path, required=True,
+                   help="the tune's folder (default: none; required)")
+    t.add_argument("--pruner", choices=PRUNERS, default="median",
+                   help="median: optuna's MedianPruner; asha: its SuccessiveHalvingPruner")
     t.add_argument("--timeout", type=float, default=None,
-                   help="seconds per trial; a trial past it is killed and fails (default: none)")
-    t.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the "
-                   "task's, or --set/preset)")
-    t.add_argument("--seed", type=int, default=0, help="every trial's seed, and the sampler's "
-                   "(default: 0)")
-    t.add_argument("--preset", default="stable", help="as for advtrain train (default: stable)")
+                   help="seconds per trial; a trial past it is killed and fails "
+                   "(default: none)")
+    t.add_argument("--epochs", type=int, default=None,
+                   help="epochs per trial (default: from --set/the preset, else the task's)")
+    t.add_argument("--seed", type=int, default=0, help="every trial's seed, and the sampler's")
+    t.add_argument("--preset", default="stable", help="as for advtrain train")
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="a fixed option for every trial (repeatable)")
+                   help="an option fixed for every trial, repeatable (default: none)")
     t.add_argument("--device", default=None, help="as for advtrain train (default: auto)")
     return t
 
