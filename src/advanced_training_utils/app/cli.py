@@ -7,6 +7,7 @@
                    [--group-column speaker] [--path-column path] --out DIR [options as above]
     advtrain train --data path/folder/ --out DIR [options as above]
     advtrain report DIR [--model-name NAME]
+    advtrain tune (--task T | --data D) --space SPACE.yaml --trials N --out DIR [...] (app/tune)
     advtrain presets
     advtrain --version
 
