@@ -199,3 +199,19 @@ def test_a_trial_whose_tune_is_gone_stops():
     r = PruningReporter(_FakeTrial(prune_from=99), "val_loss", parent_pid=os.getppid() + 10**6)
     with pytest.raises(OrphanedTrial, match="the tune .* is gone"):
         r({"epoch": 1, "val_loss": 1.0})
+
+
+@pytest.mark.parametrize("pruner", ["median", "asha"])
+def test_each_pruner_prunes_a_clearly_worse_trial_at_its_first_epoch(pruner):
+    from advanced_training_utils.app.tune.study import make_pruner
+
+    study = optuna.create_study(pruner=make_pruner(pruner))  # in memory: the same pruners
+    for good in (0.12, 0.10):  # each better than the last (ASHA keeps the best of few trials)
+        t = study.ask()
+        r = PruningReporter(t, "val_loss")
+        assert [r({"epoch": e, "val_loss": good / e}) for e in (1, 2, 3)] == [False] * 3
+        study.tell(t, good / 3)
+    bad = study.ask()
+    assert PruningReporter(bad, "val_loss")({"epoch": 1, "val_loss": 5.0}) is True
+    fine = study.ask()
+    assert PruningReporter(fine, "val_loss")({"epoch": 1, "val_loss": 0.05}) is False
