@@ -45,8 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...checkpoint import CheckpointError
 from ...engine.config import TrainConfig
-from ...engine.runlock import RunLock, RunLockedError
+from ...engine.runlock import RunLock
 from .space import Dimension, SpaceError, check_values, read_space
 from .study import PRUNERS, StudyMismatch, finished_count, open_study, recover_interrupted
 from .trial import OUTCOME_FILE
@@ -203,7 +204,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         lock.acquire()
         study = open_study(args.out, plan.settings, args.pruner, args.seed)
-    except (RunLockedError, StudyMismatch) as e:
+    except (CheckpointError, StudyMismatch) as e:  # RunLockedError: another tune holds DIR
         lock.release()
         print("advtrain: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
