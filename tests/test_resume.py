@@ -41,6 +41,7 @@ CHANGED = {
     "class_weights": "balanced", "sampler": "balanced",
     "min_delta": 0.01, "restore_best_weights": False, "check_stability": True,
     "stability_every": 2, "metrics": "accuracy", "monitor": "train_loss", "mode": "max",
+    "on_epoch_end": lambda row: None,
     "checkpoint_every_n_steps": 3, "keep_last": 3,
     "handle_signals": False, "recovery": False, "spike_factor": 5.0, "spike_window": 10,
     "rollback_after": 3, "rollback_lr_factor": 0.25, "max_rollbacks": 5,

@@ -7,6 +7,7 @@
                    [--group-column speaker] [--path-column path] --out DIR [options as above]
     advtrain train --data path/folder/ --out DIR [options as above]
     advtrain report DIR [--model-name NAME]
+    advtrain tune (--task T | --data D) --space SPACE.yaml --trials N --out DIR [...] (app/tune)
     advtrain presets
     advtrain --version
 
@@ -65,7 +66,8 @@ __all__ = ["main", "build_parser", "resolve_options", "write_report"]
 log = logging.getLogger("advanced_training_utils.app.cli")
 
 # Options the CLI sets itself from the run directory; not settable by --set or a config file.
-_RESERVED = {"checkpoint_dir", "model_name", "metrics_file", "resume", "optimizer", "augment"}
+_RESERVED = {"checkpoint_dir", "model_name", "metrics_file", "resume", "optimizer", "augment",
+             "on_epoch_end"}
 
 #: The seed when neither --seed, --set seed= nor the config file gives one.
 DEFAULT_SEED = 0
@@ -197,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the presets and their options",
                    description="List the presets and their options.",
                    epilog=_PRESETS_EPILOG, formatter_class=_HelpFormatter)
+    from . import tune
+
+    tune.add_parser(sub)
     return p
 
 
@@ -734,6 +739,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args, argv)
+        if args.command == "tune":
+            from . import tune
+
+            return tune.main(args)
         if args.command == "report":
             if not args.run_dir.is_dir():
                 raise CLIError(f"no such run directory: {args.run_dir}")

@@ -47,6 +47,7 @@ from .options import (
     AugmentModality,
     ClassWeightsMode,
     Device,
+    EpochCallback,
     Metrics,
     Mode,
     OptimizerSpec,
@@ -120,6 +121,8 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "monitor": (FIXED, "the best value so far and early stopping's and the plateau "
                 "scheduler's saved bests are values of the monitored key"),
     "mode": (FIXED, "the saved bests were judged in the saved mode"),
+    "on_epoch_end": (APPLIES, "a callable: never saved (the checkpoint's options hold its name "
+                     "only); this run's callback is called from the next epoch"),
     "checkpoint_every_n_steps": (APPLIES, "step checkpoints from now on"),
     "keep_last": (APPLIES, "rotation from the next checkpoint"),
     "handle_signals": (APPLIES, "signal handling for this process"),
@@ -205,6 +208,8 @@ class TrainConfig:
     # best epoch and drives early stopping and the plateau scheduler; 'max': higher is better
     monitor: str = "val_loss"
     mode: Mode = "min"
+    # the one extension point: called with each epoch's history row; True stops the run
+    on_epoch_end: EpochCallback | None = None
     # crash safety and recovery
     checkpoint_every_n_steps: int | None = None
     keep_last: int = 2
@@ -301,6 +306,9 @@ class TrainConfig:
             check_int("early_stop_patience", self.early_stop_patience, low=1)
         check_real("min_delta", self.min_delta, low=0.0)
         check_int("stability_every", self.stability_every, low=1)
+        if self.on_epoch_end is not None and not callable(self.on_epoch_end):
+            raise TypeError("on_epoch_end must be a callable taking the epoch's history row "
+                            f"(returning True to stop) or None, got {self.on_epoch_end!r}")
         if self.metrics_file is not None and not isinstance(self.metrics_file, (str, Path)):
             raise TypeError(f"metrics_file must be a path or None, got {self.metrics_file!r}")
         if self.checkpoint_every_n_steps is not None:
