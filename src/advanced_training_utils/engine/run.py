@@ -79,21 +79,21 @@ def train_model_advanced(
             defaults; an unknown name is a ``TypeError``). Run: ``epochs``, ``learning_rate``,
             ``device`` (``'auto'``: CUDA, MPS, else CPU), ``seed``, ``verbose``. Optimisation:
             ``optimizer`` (an optimizer or a factory of the parameters; default fused AdamW),
-            ``weight_decay``, ``accumulation_steps``, ``gradient_clip`` (None: no clipping).
-            Scheduler: ``use_scheduler``, ``scheduler_type`` and ``LearningRateScheduler``'s
-            ``factor``, ``T_max`` (default: epochs), ``gamma``, ``step_size``, ``min_lr``,
-            ``max_lr`` (default: learning_rate), ``pct_start``, ``warmup_steps``, and
-            ``plateau_patience`` (its ``patience``; a bare ``patience=`` is refused, since early
-            stopping has one too). Precision: ``use_mixed_precision``, ``amp_dtype`` (None:
-            float16 on CUDA, bfloat16 on CPU). Augmentation: ``use_augmentation``, ``augment``
-            (``'audio'``, ``'emotion'``, ``'notes'`` or a callable; with None nothing is applied
-            and a warning is logged), ``augment_options``. Class imbalance (``'balanced'``,
-            :mod:`.balance`): ``class_weights``, ``sampler``. Stopping and checks:
-            ``early_stop_patience``, ``min_delta``, ``restore_best_weights``,
+            ``weight_decay``, ``accumulation_steps``, ``batch_size_choice`` (the finder's record),
+            ``gradient_clip`` (None: no clipping). Scheduler: ``use_scheduler``, ``scheduler_type``
+            and ``LearningRateScheduler``'s ``factor``, ``T_max`` (default: epochs), ``gamma``,
+            ``step_size``, ``min_lr``, ``max_lr`` (default: learning_rate), ``pct_start``,
+            ``warmup_steps``, and ``plateau_patience`` (its ``patience``; a bare ``patience=`` is
+            refused, since early stopping has one too). Precision: ``use_mixed_precision``,
+            ``amp_dtype`` (None: float16 on CUDA, bfloat16 on CPU). Augmentation:
+            ``use_augmentation``, ``augment`` (``'audio'``, ``'emotion'``, ``'notes'`` or a
+            callable; with None nothing is applied and a warning is logged), ``augment_options``.
+            Class imbalance (``'balanced'``, :mod:`.balance`): ``class_weights``, ``sampler``.
+            Stopping and checks: ``early_stop_patience``, ``min_delta``, ``restore_best_weights``,
             ``check_stability``, ``stability_every``, ``metrics`` (``uar``, ``macro_f1``,
-            ``accuracy``, ``per_class_recall``, ``ccc``, ``mae``, torchmetrics objects,
-            callables; logged as ``val_<key>``), ``monitor`` (the logged key for the best epoch,
-            early stopping, plateau) and ``mode`` (``min``/``max``). Files: ``checkpoint_dir``,
+            ``accuracy``, ``per_class_recall``, ``ccc``, ``mae``, torchmetrics objects, callables;
+            logged as ``val_<key>``), ``monitor`` (the logged key for the best epoch, early
+            stopping, plateau) and ``mode`` (``min``/``max``). Files: ``checkpoint_dir``,
             ``model_name``, ``resume`` (True: the newest intact ``{model_name}_last*.pt``; or a
             path), ``checkpoint_every_n_steps``, ``keep_last``, ``handle_signals``,
             ``metrics_file``, ``tensorboard``. Recovery: ``recovery``, ``spike_factor``,
