@@ -69,7 +69,8 @@ __all__ = ["main", "build_parser", "resolve_options", "write_report"]
 log = logging.getLogger("advanced_training_utils.app.cli")
 
 # Options the CLI sets itself from the run directory; not settable by --set or a config file.
-_RESERVED = {"checkpoint_dir", "model_name", "metrics_file", "resume", "optimizer", "augment"}
+_RESERVED = {"checkpoint_dir", "model_name", "metrics_file", "resume", "optimizer", "augment",
+             "batch_size_choice"}  # set by --set batch_size=auto (app/batchsize.py)
 
 #: The seed when neither --seed, --set seed= nor the config file gives one.
 DEFAULT_SEED = 0
