@@ -19,6 +19,7 @@ from .augmentation import SPECAUGMENT_POLICIES, DataAugmentation
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clipping import GradientClipper
 from .early_stopping import EarlyStopping
+from .engine.batchfind import BatchSizeResult, find_batch_size
 from .engine.config import TrainConfig
 from .engine.options import TrainOptions
 from .engine.presets import PRESETS, get_preset
@@ -39,6 +40,7 @@ __all__ = [
     "AudioFolderDataset",
     "AudioSplits",
     "BatchMixing",
+    "BatchSizeResult",
     "CheckpointError",
     "CsvAudioDataset",
     "DataAugmentation",
@@ -51,6 +53,7 @@ __all__ = [
     "TrainConfig",
     "TrainOptions",
     "TrainingStability",
+    "find_batch_size",
     "get_preset",
     "load_audio_splits",
     "load_checkpoint",

@@ -96,6 +96,8 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
                   "since the optimizer's state is restored"),
     "weight_decay": (FIXED, "restored with the optimizer's param groups"),
     "accumulation_steps": (FIXED, "the position in the epoch and the schedule count in steps"),
+    "batch_size_choice": (FIXED, "the micro-batch and accumulation the run's steps are counted "
+                          "in; a resume reuses the recorded choice (batchfind.recorded_choice)"),
     "seed": (FIXED, "the data order and augmentation streams were drawn from it"),
     **_same(FIXED, _SCHEDULE, "use_scheduler", "scheduler_type", "plateau_patience", "factor",
             "T_max", "gamma", "step_size", "min_lr", "max_lr", "pct_start", "warmup_steps"),
@@ -163,6 +165,8 @@ class TrainConfig:
     optimizer: OptimizerSpec = None
     weight_decay: float = 0.01
     accumulation_steps: int = 1
+    # the batch-size finder's choice (batchfind.BatchSizeResult.record()), recorded for resume
+    batch_size_choice: dict[str, Any] | None = None
     seed: int | None = None
     # scheduler
     use_scheduler: bool = True
@@ -277,6 +281,7 @@ class TrainConfig:
                             f"parameters, got {type(self.optimizer).__name__}")
         check_real("weight_decay", self.weight_decay, low=0.0)
         check_int("accumulation_steps", self.accumulation_steps, low=1)
+        self._check_batch_size_choice()
         if self.seed is not None:
             check_int("seed", self.seed, low=0)
         for name in ("use_scheduler", "use_mixed_precision", "use_augmentation",
@@ -332,6 +337,28 @@ class TrainConfig:
         self._check_monitor(self._check_metrics())
         self._check_augment_options()
         check_compile_options(self.compile, self.compile_options)
+
+    def _check_batch_size_choice(self) -> None:
+        """``batch_size_choice``: None, or a finder's record whose micro-batch times
+        accumulation is its target and whose accumulation is ``accumulation_steps``."""
+        choice = self.batch_size_choice
+        if choice is None:
+            return
+        keys = ("micro_batch_size", "accumulation_steps", "target_batch_size")
+        if not isinstance(choice, dict) or any(k not in choice for k in keys):
+            raise TypeError(f"batch_size_choice must be None or a dict with {', '.join(keys)} "
+                            f"(BatchSizeResult.record()), got {choice!r}")
+        micro, accum, target = (check_int(f"batch_size_choice[{k!r}]", choice[k], low=1)
+                                for k in keys)
+        if micro * accum != target:
+            raise ValueError(f"batch_size_choice={choice!r}: micro_batch_size x "
+                             f"accumulation_steps = {micro * accum}, not target_batch_size "
+                             f"{target}")
+        if accum != self.accumulation_steps:
+            raise ValueError(f"batch_size_choice has accumulation_steps={accum} but "
+                             f"accumulation_steps={self.accumulation_steps}: pass "
+                             f"accumulation_steps={accum} (micro-batch {micro} x {accum} keeps "
+                             f"the effective batch {target})")
 
     def _check_scheduler(self) -> None:
         """Build the scheduler once on a throwaway optimizer, so that its own checks of

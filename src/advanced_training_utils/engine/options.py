@@ -88,6 +88,7 @@ class TrainOptions(TypedDict, total=False):
     optimizer: OptimizerSpec
     weight_decay: float
     accumulation_steps: int
+    batch_size_choice: dict[str, Any] | None
     seed: int | None
     use_scheduler: bool
     scheduler_type: SchedulerType

@@ -81,7 +81,8 @@ def train_model_advanced(
             defaults; an unknown name is a ``TypeError``). Run: ``epochs``, ``learning_rate``,
             ``device`` (``'auto'``: CUDA, MPS, else CPU), ``seed``, ``verbose``. Optimisation:
             ``optimizer`` (an optimizer or a factory of the parameters; default fused AdamW),
-            ``weight_decay``, ``accumulation_steps``, ``gradient_clip`` (None: no clipping).
+            ``weight_decay``, ``accumulation_steps``, ``batch_size_choice`` (the batch-size
+            finder's record, :mod:`.batchfind`), ``gradient_clip`` (None: no clipping).
             Scheduler: ``use_scheduler``, ``scheduler_type`` and ``LearningRateScheduler``'s
             ``factor``, ``T_max`` (default: epochs), ``gamma``, ``step_size``, ``min_lr``,
             ``max_lr`` (default: learning_rate), ``pct_start``, ``warmup_steps``, and
@@ -98,9 +99,9 @@ def train_model_advanced(
             ``check_stability``, ``stability_every``, ``metrics`` (``uar``, ``macro_f1``,
             ``accuracy``, ``per_class_recall``, ``ccc``, ``mae``, torchmetrics objects,
             callables; logged as ``val_<key>``), ``monitor`` (the logged key for the best epoch,
-            early stopping, plateau), ``mode`` (``min``/``max``),
-            ``on_epoch_end`` (a callable given each epoch's history row; True stops). Files:
-            ``checkpoint_dir``, ``model_name``, ``resume`` (True: the newest intact ``{model_name}_last*.pt``; or a
+            early stopping, plateau), ``mode`` (``min``/``max``), ``on_epoch_end`` (a callable
+            given each epoch's history row; True stops). Files: ``checkpoint_dir``,
+            ``model_name``, ``resume`` (True: the newest intact ``{model_name}_last*.pt``; or a
             path), ``checkpoint_every_n_steps``, ``keep_last``, ``handle_signals``,
             ``metrics_file``, ``tensorboard``. Recovery: ``recovery``, ``spike_factor``,
             ``spike_window``, ``rollback_after``, ``rollback_lr_factor``, ``max_rollbacks``,
