@@ -7,6 +7,7 @@
                    [--group-column speaker] [--path-column path] --out DIR [options as above]
     advtrain train --data path/folder/ --out DIR [options as above]
     advtrain report DIR [--model-name NAME]
+    advtrain lr-find (--task T | --data D) --out DIR [--repeats R] [options as above]
     advtrain presets
     advtrain --version
 
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model-name", default=None,
                    help="which NAME_metrics.jsonl to read when the directory holds several "
                    "(default: the only one)")
+    from . import lrfind
+
+    lrfind.add_parser(sub)
     sub.add_parser("presets", help="list the presets and their options",
                    description="List the presets and their options.",
                    epilog=_PRESETS_EPILOG, formatter_class=_HelpFormatter)
@@ -734,6 +738,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args, argv)
+        if args.command == "lr-find":
+            from . import lrfind
+
+            return lrfind.main(args)
         if args.command == "report":
             if not args.run_dir.is_dir():
                 raise CLIError(f"no such run directory: {args.run_dir}")
