@@ -64,19 +64,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="the built-in task; not with --data (default: emotion)")
     g = p.add_argument_group("your own audio (instead of --task)")
     g.add_argument("--data", type=Path, default=None,
-                   help="a labels .csv or a folder with one subfolder per class")
+                   help="a labels .csv or a folder with one subfolder per class (default: none: "
+                   "--task)")
     for flag, text in _CSV_FLAGS:
         g.add_argument(flag, default=None, help=text)
     p.add_argument("--out", type=_out_dir, required=True,
-                   help="the folder for lr_find.png and lr_find.json")
+                   help="the folder for lr_find.png and lr_find.json (default: none: required)")
     p.add_argument("--preset", default="stable",
                    help="one of: " + ", ".join([*PRESETS, *PRESET_ALIASES]))
-    p.add_argument("--config", type=Path, default=None, help="YAML file of options")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of options (default: none)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one option (repeatable; VALUE parsed as YAML)")
+                   help="override one option (repeatable; VALUE parsed as YAML) (default: none)")
     p.add_argument("--seed", type=int, default=None,
                    help="the data of the task and sweep r's data order (seed + r) (default: 0)")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--device", default=None,
+                   help="auto, cpu, cuda, cuda:N, mps; wins over device in --set/--config "
+                   "(default: auto)")
     p.add_argument("--repeats", type=int, default=d.repeats, help="sweeps (>= 1)")
     p.add_argument("--num-steps", type=int, default=d.num_steps,
                    help="optimizer steps per sweep (>= 10)")
