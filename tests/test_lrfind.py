@@ -147,12 +147,12 @@ def test_lr_schedule_and_smoothing_by_hand():
 
 
 class _LogLR(torch.optim.SGD):
-    """SGD that records the LR of every step it takes."""
+    """SGD that records the LR and momentum of every step it takes."""
 
-    seen: list[float] = []
+    seen: list[tuple[float, float]] = []
 
     def step(self, closure=None):
-        _LogLR.seen.append(self.param_groups[0]["lr"])
+        _LogLR.seen.append((self.param_groups[0]["lr"], self.param_groups[0]["momentum"]))
         return super().step(closure)
 
 
@@ -162,10 +162,13 @@ def test_each_step_uses_the_exponential_lr_and_the_scheduler_is_not_stepped():
     model = _model()
     res = find_lr(model, loader, None, torch.nn.CrossEntropyLoss(), min_lr=1e-4, max_lr=1e-2,
                   num_steps=15, repeats=1, diverge_factor=1e9, device="cpu",
-                  optimizer=lambda ps: _LogLR(ps, lr=0.5), scheduler_type="onecycle")
+                  optimizer=lambda ps: _LogLR(ps, lr=0.5, momentum=0.9),
+                  scheduler_type="onecycle")
     hand = [1e-4 * 100 ** (k / 14) for k in range(15)]
     assert res.stopped == ("max_lr",) and len(res.losses[0]) == 15
-    assert _LogLR.seen == pytest.approx(hand, rel=1e-12)   # onecycle stepping would change it
+    assert [lr for lr, _ in _LogLR.seen] == pytest.approx(hand, rel=1e-12)
+    # onecycle cycles the momentum when stepped: unstepped, it keeps its first value
+    assert len({m for _, m in _LogLR.seen}) == 1
 
 
 def test_steepest_descent_of_a_known_curve():
