@@ -20,6 +20,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clipping import GradientClipper
 from .early_stopping import EarlyStopping
 from .engine.config import TrainConfig
+from .engine.lrfind import LRFindResult, find_lr
 from .engine.options import TrainOptions
 from .engine.presets import PRESETS, get_preset
 from .engine.run import train_model_advanced
@@ -43,12 +44,14 @@ __all__ = [
     "EarlyStopping",
     "EpochSampler",
     "GradientClipper",
+    "LRFindResult",
     "LearningRateScheduler",
     "LogMel",
     "MixedPrecisionTrainer",
     "TrainConfig",
     "TrainOptions",
     "TrainingStability",
+    "find_lr",
     "get_preset",
     "load_audio_splits",
     "load_checkpoint",
