@@ -21,6 +21,7 @@ from .clipping import GradientClipper
 from .early_stopping import EarlyStopping
 from .engine.batchfind import BatchSizeResult, find_batch_size
 from .engine.config import TrainConfig
+from .engine.lrfind import LRFindResult, find_lr
 from .engine.options import TrainOptions
 from .engine.presets import PRESETS, get_preset
 from .engine.run import train_model_advanced
@@ -47,6 +48,7 @@ __all__ = [
     "EarlyStopping",
     "EpochSampler",
     "GradientClipper",
+    "LRFindResult",
     "LearningRateScheduler",
     "LogMel",
     "MixedPrecisionTrainer",
@@ -54,6 +56,7 @@ __all__ = [
     "TrainOptions",
     "TrainingStability",
     "find_batch_size",
+    "find_lr",
     "get_preset",
     "load_audio_splits",
     "load_checkpoint",

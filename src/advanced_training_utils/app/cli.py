@@ -8,6 +8,7 @@
     advtrain train --data path/folder/ --out DIR [options as above]
     advtrain report DIR [--model-name NAME]
     advtrain tune (--task T | --data D) --space SPACE.yaml --trials N --out DIR [...] (app/tune)
+    advtrain lr-find (--task T | --data D) --out DIR [--repeats R] [options as above]
     advtrain presets
     advtrain --version
 
@@ -200,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model-name", default=None,
                    help="which NAME_metrics.jsonl to read when the directory holds several "
                    "(default: the only one)")
+    from . import lrfind
+
+    lrfind.add_parser(sub)
     sub.add_parser("presets", help="list the presets and their options",
                    description="List the presets and their options.",
                    epilog=_PRESETS_EPILOG, formatter_class=_HelpFormatter)
@@ -416,7 +420,8 @@ def _check_batch_options(task: str, task_opts: dict[str, Any], options: dict[str
     from .batchsize import check_batch_options
 
     try:
-        check_batch_options(task_opts, options.get("device", "auto"), args.nproc_per_node)
+        check_batch_options(task_opts, options.get("device", "auto"),
+                            getattr(args, "nproc_per_node", 1))  # lr-find, tune: one process
     except (TypeError, ValueError) as e:
         raise CLIError(f"{e} (task {task!r})") from None
 
@@ -768,6 +773,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import tune
 
             return tune.main(args)
+        if args.command == "lr-find":
+            from . import lrfind
+
+            return lrfind.main(args)
         if args.command == "report":
             if not args.run_dir.is_dir():
                 raise CLIError(f"no such run directory: {args.run_dir}")
