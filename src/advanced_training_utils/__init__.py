@@ -19,7 +19,9 @@ from .augmentation import SPECAUGMENT_POLICIES, DataAugmentation
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clipping import GradientClipper
 from .early_stopping import EarlyStopping
+from .engine.batchfind import BatchSizeResult, find_batch_size
 from .engine.config import TrainConfig
+from .engine.lrfind import LRFindResult, find_lr
 from .engine.options import TrainOptions
 from .engine.presets import PRESETS, get_preset
 from .engine.run import train_model_advanced
@@ -39,18 +41,22 @@ __all__ = [
     "AudioFolderDataset",
     "AudioSplits",
     "BatchMixing",
+    "BatchSizeResult",
     "CheckpointError",
     "CsvAudioDataset",
     "DataAugmentation",
     "EarlyStopping",
     "EpochSampler",
     "GradientClipper",
+    "LRFindResult",
     "LearningRateScheduler",
     "LogMel",
     "MixedPrecisionTrainer",
     "TrainConfig",
     "TrainOptions",
     "TrainingStability",
+    "find_batch_size",
+    "find_lr",
     "get_preset",
     "load_audio_splits",
     "load_checkpoint",

@@ -47,6 +47,7 @@ from .options import (
     AugmentModality,
     ClassWeightsMode,
     Device,
+    EpochCallback,
     Metrics,
     Mode,
     OptimizerSpec,
@@ -95,6 +96,8 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
                   "since the optimizer's state is restored"),
     "weight_decay": (FIXED, "restored with the optimizer's param groups"),
     "accumulation_steps": (FIXED, "the position in the epoch and the schedule count in steps"),
+    "batch_size_choice": (FIXED, "the micro-batch and accumulation the run's steps are counted "
+                          "in; a resume reuses the recorded choice (batchfind.recorded_choice)"),
     "seed": (FIXED, "the data order and augmentation streams were drawn from it"),
     **_same(FIXED, _SCHEDULE, "use_scheduler", "scheduler_type", "plateau_patience", "factor",
             "T_max", "gamma", "step_size", "min_lr", "max_lr", "pct_start", "warmup_steps"),
@@ -120,6 +123,8 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "monitor": (FIXED, "the best value so far and early stopping's and the plateau "
                 "scheduler's saved bests are values of the monitored key"),
     "mode": (FIXED, "the saved bests were judged in the saved mode"),
+    "on_epoch_end": (APPLIES, "a callable: never saved (the checkpoint's options hold its name "
+                     "only); this run's callback is called from the next epoch"),
     "checkpoint_every_n_steps": (APPLIES, "step checkpoints from now on"),
     "keep_last": (APPLIES, "rotation from the next checkpoint"),
     "handle_signals": (APPLIES, "signal handling for this process"),
@@ -164,6 +169,8 @@ class TrainConfig:
     optimizer: OptimizerSpec = None
     weight_decay: float = 0.01
     accumulation_steps: int = 1
+    # the batch-size finder's choice (batchfind.BatchSizeResult.record()), recorded for resume
+    batch_size_choice: dict[str, Any] | None = None
     seed: int | None = None
     # scheduler
     use_scheduler: bool = True
@@ -209,6 +216,8 @@ class TrainConfig:
     # best epoch and drives early stopping and the plateau scheduler; 'max': higher is better
     monitor: str = "val_loss"
     mode: Mode = "min"
+    # the one extension point: called with each epoch's history row; True stops the run
+    on_epoch_end: EpochCallback | None = None
     # crash safety and recovery
     checkpoint_every_n_steps: int | None = None
     keep_last: int = 2
@@ -281,6 +290,7 @@ class TrainConfig:
                             f"parameters, got {type(self.optimizer).__name__}")
         check_real("weight_decay", self.weight_decay, low=0.0)
         check_int("accumulation_steps", self.accumulation_steps, low=1)
+        self._check_batch_size_choice()
         if self.seed is not None:
             check_int("seed", self.seed, low=0)
         for name in ("use_scheduler", "use_mixed_precision", "use_augmentation",
@@ -310,6 +320,9 @@ class TrainConfig:
             check_int("early_stop_patience", self.early_stop_patience, low=1)
         check_real("min_delta", self.min_delta, low=0.0)
         check_int("stability_every", self.stability_every, low=1)
+        if self.on_epoch_end is not None and not callable(self.on_epoch_end):
+            raise TypeError("on_epoch_end must be a callable taking the epoch's history row "
+                            f"(returning True to stop) or None, got {self.on_epoch_end!r}")
         if self.metrics_file is not None and not isinstance(self.metrics_file, (str, Path)):
             raise TypeError(f"metrics_file must be a path or None, got {self.metrics_file!r}")
         if self.checkpoint_every_n_steps is not None:
@@ -349,6 +362,28 @@ class TrainConfig:
         if self.eval_ema and self.ema_decay is None and self.swa_start is None:
             raise ValueError("eval_ema=True evaluates the averaged weights: it needs "
                              "ema_decay= (e.g. 0.999) or swa_start= (an epoch)")
+
+    def _check_batch_size_choice(self) -> None:
+        """``batch_size_choice``: None, or a finder's record whose micro-batch times
+        accumulation is its target and whose accumulation is ``accumulation_steps``."""
+        choice = self.batch_size_choice
+        if choice is None:
+            return
+        keys = ("micro_batch_size", "accumulation_steps", "target_batch_size")
+        if not isinstance(choice, dict) or any(k not in choice for k in keys):
+            raise TypeError(f"batch_size_choice must be None or a dict with {', '.join(keys)} "
+                            f"(BatchSizeResult.record()), got {choice!r}")
+        micro, accum, target = (check_int(f"batch_size_choice[{k!r}]", choice[k], low=1)
+                                for k in keys)
+        if micro * accum != target:
+            raise ValueError(f"batch_size_choice={choice!r}: micro_batch_size x "
+                             f"accumulation_steps = {micro * accum}, not target_batch_size "
+                             f"{target}")
+        if accum != self.accumulation_steps:
+            raise ValueError(f"batch_size_choice has accumulation_steps={accum} but "
+                             f"accumulation_steps={self.accumulation_steps}: pass "
+                             f"accumulation_steps={accum} (micro-batch {micro} x {accum} keeps "
+                             f"the effective batch {target})")
 
     def _check_scheduler(self) -> None:
         """Build the scheduler once on a throwaway optimizer, so that its own checks of

@@ -29,6 +29,8 @@ from typing import Any, Literal, TypedDict
 
 import torch
 
+from .record import HistoryRow
+
 if sys.version_info >= (3, 11):
     from typing import Unpack
 else:  # pragma: no cover - Python 3.10: typing_extensions comes with torch
@@ -36,7 +38,7 @@ else:  # pragma: no cover - Python 3.10: typing_extensions comes with torch
 
 __all__ = ["TrainOptions", "Unpack", "SchedulerType", "AmpDtype", "AugmentModality",
            "DeviceName", "Device", "MetricName", "Metrics", "Mode", "OptimizerSpec", "Augment",
-           "ClassWeightsMode", "SamplerMode"]
+           "ClassWeightsMode", "SamplerMode", "EpochCallback"]
 
 #: ``LearningRateScheduler``'s types (``scheduler.SCHEDULER_TYPES``).
 SchedulerType = Literal["plateau", "cosine", "step", "exp", "onecycle"]
@@ -66,6 +68,10 @@ Augment = AugmentModality | Callable[..., Any] | None
 ClassWeightsMode = Literal["balanced"]
 #: ``sampler``: draw each class equally often (``engine/balance.py``).
 SamplerMode = Literal["balanced"]
+#: ``on_epoch_end``: called with each epoch's history row (the dict the history holds) after
+#: the epoch's decisions; ``True`` stops the run after this epoch's checkpoint, ``None`` or
+#: ``False`` continue (any other answer is a ``TypeError``).
+EpochCallback = Callable[[HistoryRow], bool | None]
 
 
 class TrainOptions(TypedDict, total=False):
@@ -82,6 +88,7 @@ class TrainOptions(TypedDict, total=False):
     optimizer: OptimizerSpec
     weight_decay: float
     accumulation_steps: int
+    batch_size_choice: dict[str, Any] | None
     seed: int | None
     use_scheduler: bool
     scheduler_type: SchedulerType
@@ -116,6 +123,7 @@ class TrainOptions(TypedDict, total=False):
     metrics: Metrics
     monitor: str
     mode: Mode
+    on_epoch_end: EpochCallback | None
     checkpoint_every_n_steps: int | None
     keep_last: int
     handle_signals: bool
