@@ -1,6 +1,6 @@
 """``advtrain``: train the built-in tasks or your own audio, report on a run, list presets.
 
-    advtrain train --task emotion|notes --preset fast|stable|memory_constrained --epochs N
+    advtrain train --task emotion|emotion-easy|notes --preset fast|stable|memory_constrained --epochs N
                    --out DIR [--resume] [--seed S] [--device D] [--config FILE.yaml]
                    [--set key=value ...] [--nproc-per-node N]
     advtrain train --data path/labels.csv --target emotion [--split-column split]
@@ -342,7 +342,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _check_task_options(task: str, options: dict[str, Any]) -> None:
     """The task's own options (``batch_size``, ``per_piece``...), checked before any data."""
-    from .._validate import check_int
+    from .._validate import check_int, check_real
     from .usertask import AUDIO_TASK, check_audio_options
 
     try:
@@ -352,6 +352,9 @@ def _check_task_options(task: str, options: dict[str, Any]) -> None:
             check_int("batch_size", options["batch_size"], low=1)
         if options.get("per_piece") is not None:
             check_int("per_piece", options["per_piece"], low=1)
+        if "train_fraction" in options:
+            check_real("train_fraction", options["train_fraction"], low=0.0, high=1.0,
+                       low_inclusive=False)
     except (TypeError, ValueError) as e:
         raise CLIError(f"{e} (task {task!r})") from None
 
@@ -585,8 +588,8 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 
 def _headline(s: dict[str, Any]) -> str:
-    if s["task"] == "emotion":
-        return (f"emotion: held-out test accuracy {s['test_accuracy']:.3f} on "
+    if s["task"] in ("emotion", "emotion-easy"):
+        return (f"{s['task']}: held-out test accuracy {s['test_accuracy']:.3f} on "
                 f"{s['test_examples']} clips (majority class {s['majority_baseline_accuracy']:.3f}); "
                 f"best epoch {s['best_epoch']}/{s['epochs_run']}; {s['wall_seconds']:.0f}s")
     if s["task"] == "notes":
