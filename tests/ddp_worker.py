@@ -176,10 +176,32 @@ def cases(out, rank):
     torch.save(m.state_dict(), out / f"spike_rank{rank}.pt")
     res["spike"] = {"skipped": h["skipped_steps"],
                     "per_epoch": [e["skipped_steps"] for e in h["history"]]}
+    m = model()  # compile=True under DDP: the eager 'uar' case's weights; plain checkpoint keys
+    train_model_advanced(m, train, DataLoader(data(13, 1), batch_size=3),
+                         torch.nn.CrossEntropyLoss(), compile=True,
+                         compile_options={"backend": "aot_eager"},
+                         checkpoint_dir=out / "ck_compiled", **CASE_OPTS)
+    torch.save(m.state_dict(), out / f"compiled_rank{rank}.pt")
     res.update(metric_cases(out, rank, train))
+    res["averaged"] = averaging_case(out, rank, train)
+    res["callback"] = callback_cases(rank, train)
     (out / f"cases_rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
     return 0
+
+
+def averaging_case(out, rank, train):
+    """EMA + SWA (a BatchNorm model, each rank's batch-norm pass on its shard) + eval_ema, a NaN
+    loss on rank 1 only: every rank keeps the same averages and validation values."""
+    torch.manual_seed(1)
+    bn = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16),
+                             torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    h = train_model_advanced(bn, train, DataLoader(data(13, 1), batch_size=3),
+                             faulty_ce(rank, nan_at=NAN_AT if rank == 1 else None),
+                             ema_decay=0.9, swa_start=2, eval_ema=True, **CASE_OPTS)
+    torch.save(h["averaged_weights"], out / f"averaged_rank{rank}.pt")
+    return {"val": [e["val_loss"] for e in h["history"]], "skipped": h["skipped_steps"],
+            "best_weights": h["best_weights"]}
 
 
 CLS_METRICS = ["uar", "macro_f1", "accuracy", "per_class_recall"]
@@ -189,6 +211,23 @@ def regression_data(n, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 12, generator=g)
     return torch.utils.data.TensorDataset(x, torch.tanh(x[:, :2]) + 0.3 * torch.randn(n, 2, generator=g))
+
+
+def callback_cases(rank, train):
+    """on_epoch_end answering differently per rank: rank 0's answer holds on every rank."""
+    res = {}
+    for case, stop_rank in (("rank1_asks", 1), ("rank0_asks", 0)):
+        rows = []
+
+        def ask(row, stop_rank=stop_rank, rows=rows):
+            rows.append(row["val_loss"])
+            return rank == stop_rank and row["epoch"] == 1
+
+        h = train_model_advanced(model(), train, DataLoader(data(64, 1), batch_size=16),
+                                 torch.nn.CrossEntropyLoss(), on_epoch_end=ask, **CASE_OPTS)
+        res[case] = {"epochs_run": h["epochs_run"], "stopped": h["stopped_by_callback"],
+                     "rows": rows}
+    return res
 
 
 def metric_cases(out, rank, train):

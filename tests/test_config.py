@@ -42,6 +42,24 @@ from advanced_training_utils.engine.config import TrainConfig
      "augment_options={'bogus': 1} do not fit augment=None: audio: unknown option(s) bogus"),
     (dict(augment=lambda x: x, augment_options={"noise_level": 0.1}), ValueError,
      "apply to the built-in augmentations ('audio', 'emotion', 'notes'), not to a callable"),
+    (dict(compile=1), TypeError, "compile must be a bool, got 1"),
+    (dict(compile=True, compile_options=[("mode", "default")]), TypeError,
+     "compile_options must be a dict, got [('mode', 'default')]"),
+    (dict(compile=True, compile_options={"model": 1, "speed": 2}), TypeError,
+     "compile_options: unknown key(s) 'model', 'speed'; torch.compile takes fullgraph, "
+     "dynamic, backend, mode, options"),
+    (dict(compile=True, compile_options={"fullgraph": "yes"}), TypeError,
+     "compile_options['fullgraph'] must be a bool, got 'yes'"),
+    (dict(compile=True, compile_options={"dynamic": "auto"}), TypeError,
+     "compile_options['dynamic'] must be None or a bool, got 'auto'"),
+    (dict(compile=True, compile_options={"backend": 3}), TypeError,
+     "compile_options['backend'] must be a backend name or a callable, got 3"),
+    (dict(compile=True, compile_options={"backend": "nope"}), ValueError,
+     "compile_options={'backend': 'nope'} are refused by torch.compile: Invalid backend: 'nope'"),
+    (dict(compile=True, compile_options={"mode": "fast"}), ValueError,
+     "compile_options={'mode': 'fast'} are refused by torch.compile: Unrecognized mode=fast"),
+    (dict(compile=True, compile_options={"mode": "default", "options": {"debug": True}}),
+     ValueError, "Either mode or options can be specified"),
 ])
 def test_bad_options_are_refused_at_construction(options, exc, message):
     with pytest.raises(exc, match=re.escape(message)):
@@ -59,6 +77,11 @@ def test_bad_options_are_refused_at_construction(options, exc, message):
     dict(augment="audio", augment_options={"policy": "LB", "noise_level": 0.0}),
     dict(augment="notes", augment_options={"max_transpose": 12}),
     dict(augment_options={"clamp": [-1, 1]}),  # fits 'emotion' (augment inferred later)
+    dict(compile=True),
+    dict(compile_options={"mode": "default"}),  # checked, used only with compile=True
+    dict(compile=True, compile_options={"backend": "aot_eager", "dynamic": False,
+                                        "fullgraph": True}),
+    dict(compile=True, compile_options={"mode": "max-autotune-no-cudagraphs"}),
 ])
 def test_good_options_pass(options):
     cfg = TrainConfig.from_options(**options)

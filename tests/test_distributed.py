@@ -286,6 +286,19 @@ def test_uneven_validation_shards_with_batchnorm_finish_on_rank_0s_buffers(cases
         assert ranks[r]["bn"]["val"] == pytest.approx(ranks[r]["bn"]["local_val"], abs=1e-6)
 
 
+def test_every_rank_keeps_the_same_averages_and_validates_them_alike(cases_run):
+    """EMA and SWA under DDP: each rank keeps its own average of identical weights (a NaN on
+    rank 1 is skipped on both, by both EMAs); SWA's batch-norm statistics are rank 0's."""
+    out, ranks = cases_run
+    assert ranks[0]["averaged"] == ranks[1]["averaged"]
+    assert ranks[0]["averaged"]["skipped"] == 1 and ranks[0]["averaged"]["best_weights"] == "swa"
+    a, b = (_weights(out / f"averaged_rank{r}.pt") for r in (0, 1))
+    assert a.keys() == b.keys() == {"ema", "swa"}
+    for kind in a:
+        for k in a[kind]:
+            assert torch.equal(a[kind][k], b[kind][k]), (kind, k)
+
+
 @pytest.mark.parametrize("name", ["torch_rng", "batch_sampler"])
 def test_mid_epoch_resume_with_a_wrapped_sampler_is_exact(cases_run, name):
     out, _ = cases_run
@@ -293,6 +306,19 @@ def test_mid_epoch_resume_with_a_wrapped_sampler_is_exact(cases_run, name):
         a, b = _weights(out / f"{name}_rank{r}.pt"), _weights(out / f"{name}_resumed_rank{r}.pt")
         for k in a:
             assert torch.equal(a[k], b[k]), (r, k)
+
+
+def test_compile_under_ddp_trains_like_eager_and_saves_plain_keys(cases_run):
+    """compile=True (aot_eager) under two processes: the weights of the same eager run (the
+    'uar' case: metrics change no weight), within float32 rounding; the checkpoint's model
+    keys carry neither 'module.' (DDP) nor '_orig_mod.' (torch.compile)."""
+    out, _ = cases_run
+    for r in (0, 1):
+        compiled, eager = _weights(out / f"compiled_rank{r}.pt"), _weights(out / f"uar_rank{r}.pt")
+        for k in eager:
+            torch.testing.assert_close(compiled[k], eager[k], rtol=1e-6, atol=1e-7)
+    saved = load_checkpoint(out / "ck_compiled" / "model_last.pt")["model"]
+    assert list(saved) == list(ddp_worker.model().state_dict())
 
 
 def test_a_loss_spike_on_one_rank_is_skipped_on_both(cases_run):
@@ -401,3 +427,17 @@ def test_shard_keeps_plain_loaders_on_distributed_sampler_and_wraps_the_others(t
     assert isinstance(b, ShardedSampler) and b.inner is custom and b.batches
     v = ctx.shard(DataLoader(ds, batch_size=4), 3, train=False).sampler
     assert isinstance(v, ShardedSampler) and not v.even and len(v) == 5
+
+
+def test_the_epoch_callback_takes_rank_0s_answer_on_every_rank(cases_run):
+    _, ranks = cases_run
+    r0, r1 = ranks[0]["callback"], ranks[1]["callback"]
+    epochs = ddp_worker.CASE_OPTS["epochs"]
+    # rank 1 alone asks to stop after epoch 1: rank 0's answer (go on) holds on both
+    assert [r["rank1_asks"]["epochs_run"] for r in (r0, r1)] == [epochs, epochs]
+    assert [r["rank1_asks"]["stopped"] for r in (r0, r1)] == [False, False]
+    # rank 0 alone asks: both stop after epoch 1, each having been called once
+    assert [r["rank0_asks"]["epochs_run"] for r in (r0, r1)] == [1, 1]
+    assert [r["rank0_asks"]["stopped"] for r in (r0, r1)] == [True, True]
+    assert r0["rank0_asks"]["rows"] == r1["rank0_asks"]["rows"]  # the same numbers on each rank
+    assert r0["rank1_asks"]["rows"] == r1["rank1_asks"]["rows"]

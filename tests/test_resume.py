@@ -22,7 +22,9 @@ from advanced_training_utils.engine.config import (
 from advanced_training_utils.engine.resume import optimizer_spec
 
 CE = torch.nn.CrossEntropyLoss()
-BASE = dict(epochs=2, learning_rate=3e-3, device="cpu", verbose=False, seed=0, model_name="m")
+BASE = dict(epochs=2, learning_rate=3e-3, device="cpu", verbose=False, seed=0, model_name="m",
+            compile_options={"backend": "aot_eager"},  # compile=True below: no C++ to build
+            ema_decay=0.99)  # an EMA on, so that eval_ema=True is a valid change
 
 # A new value for every option (valid, and different from BASE or the default). An option added
 # to TrainConfig without an entry here and a rule in RESUME_RULES fails the tests below.
@@ -30,19 +32,25 @@ CHANGED = {
     "epochs": 3, "learning_rate": 1e-3, "device": "auto", "checkpoint_dir": "SET BY TEST",
     "model_name": "other",
     "optimizer": lambda p: torch.optim.SGD(p, lr=3e-3), "weight_decay": 0.1,
-    "accumulation_steps": 2, "seed": 1, "use_scheduler": False, "scheduler_type": "cosine",
+    "accumulation_steps": 2,
+    "batch_size_choice": {"micro_batch_size": 8, "accumulation_steps": 1, "target_batch_size": 8},
+    "seed": 1, "use_scheduler": False, "scheduler_type": "cosine",
     "plateau_patience": 2, "factor": 0.5, "T_max": 5, "gamma": 0.9, "step_size": 3, "min_lr": 1e-6,
     "max_lr": 1e-2, "pct_start": 0.5, "warmup_steps": 2, "gradient_clip": 0.5,
     "use_mixed_precision": True, "amp_dtype": "bfloat16", "use_augmentation": True,
-    "augment": "emotion", "augment_options": {"noise_level": 0.2}, "early_stop_patience": 5,
+    "compile": True, "compile_options": {"backend": "eager"},
+    "augment": "emotion", "augment_options": {"noise_level": 0.2}, "augment_targets": True,
+    "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "label_smoothing": 0.1, "early_stop_patience": 5,
     "class_weights": "balanced", "sampler": "balanced",
     "min_delta": 0.01, "restore_best_weights": False, "check_stability": True,
     "stability_every": 2, "metrics": "accuracy", "monitor": "train_loss", "mode": "max",
+    "on_epoch_end": lambda row: None,
     "checkpoint_every_n_steps": 3, "keep_last": 3,
     "handle_signals": False, "recovery": False, "spike_factor": 5.0, "spike_window": 10,
     "rollback_after": 3, "rollback_lr_factor": 0.25, "max_rollbacks": 5,
     "divergence_factor": 5.0, "recovery_check_every": 4, "dist_timeout": 30.0,
     "resume": None, "metrics_file": "SET BY TEST", "tensorboard": True, "verbose": True,
+    "ema_decay": 0.9, "ema_warmup": False, "swa_start": 2, "eval_ema": True,
 }
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 

@@ -1,13 +1,15 @@
 """``advtrain``: train the built-in tasks or your own audio, report on a run, list presets.
 
-    advtrain train --task emotion|notes --preset fast|stable|memory_constrained --epochs N
-                   --out DIR [--resume] [--seed S] [--device D] [--config FILE.yaml]
+    advtrain train --task emotion|emotion-easy|notes --preset fast|stable|memory_constrained
+                   --epochs N --out DIR [--resume] [--seed S] [--device D] [--config FILE.yaml]
                    [--set key=value ...] [--nproc-per-node N]
     advtrain train --data path/labels.csv --target emotion [--split-column split]
                    [--group-column speaker] [--path-column path] --out DIR [options as above]
     advtrain train --data path/folder/ --out DIR [options as above]
     advtrain compare --task T --preset A --preset B --seeds S --out DIR   (see app/compare.py)
     advtrain report DIR [--model-name NAME]
+    advtrain tune (--task T | --data D) --space SPACE.yaml --trials N --out DIR [...] (app/tune)
+    advtrain lr-find (--task T | --data D) --out DIR [--repeats R] [options as above]
     advtrain presets
     advtrain --version
 
@@ -18,7 +20,12 @@ then the explicit flags (``--epochs``, ``--seed``, ``--device``). ``seed`` follo
 (``--seed`` > ``--set seed=`` > the config file > 0). A run directory holds ``checkpoints/``,
 ``metrics.jsonl``, ``summary.json``, ``report.png`` and ``diagnosis.txt`` (and, for the report,
 ``train_samples.npz``: a few training spectrograms; ``test_predictions.npz`` for regression).
-Classification runs (``--task emotion`` and ``--data``) hold ``"test": {"uar", "macro_f1",
+The built-in tasks (:mod:`.tasks`): ``emotion`` (the default; chorale clips in their own keys,
+a timbre, reverb and noise drawn per clip; task options ``batch_size``, ``per_piece`` and
+``train_fraction``, a seeded share of the training melodies in (0, 1]), ``emotion-easy`` (the same
+clips in C with one timbre: ~0.99 accuracy) and ``notes``.
+
+Classification runs (``--task emotion``, ``emotion-easy`` and ``--data``) hold ``"test": {"uar", "macro_f1",
 "accuracy", "per_class_recall", "confusion_matrix", "class_names"}`` in summary.json.
 
 ``--data`` (instead of ``--task``) trains on your own audio (:mod:`.usertask`): a labels CSV
@@ -29,7 +36,11 @@ class. Its summary.json holds the held-out test metrics as ``"test": {"uar", "ma
 and under ``"data"`` the split sizes, the training length (``crop_seconds``, ``crop_frames``),
 the normalisation, the feature parameters and the skipped files with their problem. Its task
 options (``--set``): batch_size, n_mels, features (speech / chorale), crop_seconds,
-normalization, eval_crop, on_error.
+normalization, eval_crop, on_error, memory_budget.
+
+``--set batch_size=auto`` (every task) lets the batch-size finder pick the largest micro-batch
+that fits and keep the task's effective batch through accumulation_steps; off CUDA it needs
+``--set memory_budget=2GiB`` (see :mod:`.batchsize`). ``--resume`` reuses the recorded choice.
 
 Every option is checked before any data is rendered or loaded: a bad value, an unknown key or
 invalid YAML exits with code 2 and one line, ``advtrain: error: ...``, naming the option. A config
@@ -67,7 +78,8 @@ __all__ = ["main", "build_parser", "layer_options", "resolve_options", "train_ru
 log = logging.getLogger("advanced_training_utils.app.cli")
 
 # Options the CLI sets itself from the run directory; not settable by --set or a config file.
-_RESERVED = {"checkpoint_dir", "model_name", "metrics_file", "resume", "optimizer", "augment"}
+_RESERVED = {"checkpoint_dir", "model_name", "metrics_file", "resume", "optimizer", "augment",
+             "on_epoch_end", "batch_size_choice"}  # batch_size_choice: --set batch_size=auto
 
 #: The seed when neither --seed, --set seed= nor the config file gives one.
 DEFAULT_SEED = 0
@@ -156,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "report.png, diagnosis.txt.",
                        epilog=_TRAIN_EPILOG, formatter_class=_HelpFormatter)
     t.add_argument("--task", choices=TASKS, default=None,
-                   help="the built-in task; not with --data (default: emotion)")
+                   help="the built-in task; not with --data (default: emotion: clips in "
+                   "their own keys, several timbres; emotion-easy: all in C, one timbre; "
+                   "--set train_fraction=0.1 trains on 10%% of the training melodies)")
     d = t.add_argument_group("your own audio (instead of --task)")
     d.add_argument("--data", type=Path, default=None,
                    help="a labels .csv (paths relative to its folder) or a folder with one "
@@ -196,12 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model-name", default=None,
                    help="which NAME_metrics.jsonl to read when the directory holds several "
                    "(default: the only one)")
-    from . import compare
+    from . import compare, lrfind
 
+    lrfind.add_parser(sub)
     compare.add_parser(sub)
     sub.add_parser("presets", help="list the presets and their options",
                    description="List the presets and their options.",
                    epilog=_PRESETS_EPILOG, formatter_class=_HelpFormatter)
+    from . import tune
+
+    tune.add_parser(sub)
     return p
 
 
@@ -347,16 +365,19 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _check_task_options(task: str, options: dict[str, Any]) -> None:
     """The task's own options (``batch_size``, ``per_piece``...), checked before any data."""
-    from .._validate import check_int
+    from .._validate import check_int, check_real
     from .usertask import AUDIO_TASK, check_audio_options
 
     try:
         if task == AUDIO_TASK:
             check_audio_options(options)
-        if "batch_size" in options:
+        if "batch_size" in options and options["batch_size"] != "auto":
             check_int("batch_size", options["batch_size"], low=1)
         if options.get("per_piece") is not None:
             check_int("per_piece", options["per_piece"], low=1)
+        if "train_fraction" in options:
+            check_real("train_fraction", options["train_fraction"], low=0.0, high=1.0,
+                       low_inclusive=False)
     except (TypeError, ValueError) as e:
         raise CLIError(f"{e} (task {task!r})") from None
 
@@ -374,16 +395,18 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
         layers.append((f"--config {args.config}", _read_config(args.config)))
     layers.append(("--set", _parse_sets(args.sets)))
     return layer_options(task_name(args), plan, args.preset, layers, epochs=args.epochs,
-                         device=args.device, seed=args.seed, quiet=args.quiet)
+                         device=args.device, seed=args.seed, quiet=args.quiet,
+                         nproc_per_node=getattr(args, "nproc_per_node", 1))
 
 
 def layer_options(task: str, plan: Any, preset: str, layers: list[tuple[str, dict[str, Any]]],
                   *, epochs: int | None = None, device: str | None = None,
-                  seed: int | None = None, quiet: bool = False
+                  seed: int | None = None, quiet: bool = False, nproc_per_node: int = 1
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The options of one run, later wins: the task's defaults, ``preset``, each of ``layers``
     (``(where, options)``: ``where`` names the source in error messages), then ``epochs``,
-    ``device`` and ``seed`` when given. ``plan`` is the :class:`~.usertask.AudioPlan` of
+    ``device`` and ``seed`` when given (``nproc_per_node``: the processes that will train it,
+    for ``batch_size='auto'``). ``plan`` is the :class:`~.usertask.AudioPlan` of
     ``--data`` (None for a built-in task). Returns (train options, task options), all checked.
 
     Raises:
@@ -417,7 +440,20 @@ def layer_options(task: str, plan: Any, preset: str, layers: list[tuple[str, dic
     except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None
     _check_class_weights(task, plan, merged)
+    _check_batch_options(task, task_opts, merged, nproc_per_node)
     return merged, task_opts
+
+
+def _check_batch_options(task: str, task_opts: dict[str, Any], options: dict[str, Any],
+                         nproc_per_node: int) -> None:
+    """``batch_size='auto'`` and ``memory_budget`` (:mod:`.batchsize`), before any work."""
+    from .batchsize import check_batch_options
+
+    try:
+        check_batch_options(task_opts, options.get("device", "auto"),
+                            nproc_per_node)  # lr-find, tune, compare: one process
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"{e} (task {task!r})") from None
 
 
 def _check_class_weights(task: str, plan: Any, options: dict[str, Any]) -> None:
@@ -492,8 +528,13 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     return 128 + forwarded[0] if forwarded and rc != 0 else rc
 
 
-def _build(plan: Any, name: str, seed: int, task_opts: dict[str, Any]) -> Any:
-    """The :class:`~.tasks.Task` of the command: a built-in one, or one over ``--data``.
+def _build(args: argparse.Namespace, name: str, seed: int, task_opts: dict[str, Any]) -> Any:
+    """The :class:`~.tasks.Task` of the command: a built-in one, or one over ``--data``."""
+    return _build_task(audio_plan(args), name, seed, task_opts)
+
+
+def _build_task(plan: Any, name: str, seed: int, task_opts: dict[str, Any]) -> Any:
+    """Task ``name``, over ``plan`` (the :class:`~.usertask.AudioPlan`) for ``--data``.
     A data error found while reading the audio (every training file unusable, a split left
     empty...) is a :class:`CLIError`."""
     from .tasks import build_task
@@ -572,15 +613,23 @@ def train_run(out: Path, name: str, options: dict[str, Any], task_opts: dict[str
     Raises:
         CLIError: ``out`` holds another task's run, or a data error.
     """
+    import torch
+
     from ..engine.distributed import env_world_size
     from ..engine.run import resolve_device, train_model_advanced
     from ..safeio import atomic_write
+    from .batchsize import apply_auto, build_options
     from .report.samples import save_train_samples
 
     ckpt_dir = out / "checkpoints"
     _check_out(out, name, resume)
     t0 = time.perf_counter()
-    task = _build(plan, name, options["seed"], task_opts)
+    default_batch = _task_options(name)["batch_size"]
+    task = _build_task(plan, name, options["seed"], build_options(task_opts, default_batch))
+    try:
+        options = apply_auto(task, options, task_opts, default_batch, ckpt_dir, name, resume)
+    except (ValueError, torch.OutOfMemoryError) as e:  # nothing fits; another target on resume
+        raise CLIError(str(e)) from None
     data_seconds = time.perf_counter() - t0
     log.info("task %s: %s (data ready in %.1fs)", name, _brief(task.info), data_seconds)
     out.mkdir(parents=True, exist_ok=True)
@@ -629,8 +678,8 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 
 def _headline(s: dict[str, Any]) -> str:
-    if s["task"] == "emotion":
-        return (f"emotion: held-out test accuracy {s['test_accuracy']:.3f} on "
+    if s["task"] in ("emotion", "emotion-easy"):
+        return (f"{s['task']}: held-out test accuracy {s['test_accuracy']:.3f} on "
                 f"{s['test_examples']} clips (majority class {s['majority_baseline_accuracy']:.3f}); "
                 f"best epoch {s['best_epoch']}/{s['epochs_run']}; {s['wall_seconds']:.0f}s")
     if s["task"] == "notes":
@@ -782,6 +831,14 @@ def main(argv: list[str] | None = None) -> int:
             from . import compare
 
             return compare.main(args)
+        if args.command == "tune":
+            from . import tune
+
+            return tune.main(args)
+        if args.command == "lr-find":
+            from . import lrfind
+
+            return lrfind.main(args)
         if args.command == "report":
             if not args.run_dir.is_dir():
                 raise CLIError(f"no such run directory: {args.run_dir}")

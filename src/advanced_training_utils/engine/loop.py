@@ -17,6 +17,7 @@ import torch
 from ..clipping import GradientClipper
 from ..metrics import EpochMetrics, batch_rows
 from ..precision import MixedPrecisionTrainer
+from .averaging import Average, NoAverage
 
 __all__ = ["Parts", "split_batch", "to_device", "train_epoch", "evaluate", "read_sums"]
 
@@ -71,7 +72,10 @@ class Parts:
 
     ``scheduler`` is stepped per optimizer step when its ``interval`` is ``'batch'`` (a
     ``LearningRateScheduler``, or ``engine.parts.NoSchedule`` with ``interval='never'``);
-    ``augment`` is applied to every training batch (``engine.parts.identity`` when off).
+    ``augment`` is applied to every training batch, ``(inputs, targets) -> (inputs, targets)``
+    (``engine.parts.identity`` when off); validation batches are never augmented;
+    ``average`` is updated after each optimizer step with the guard's verdict (the EMA of
+    ``engine/averaging.py``; ``NoAverage``, an empty method, when off).
     """
 
     model: torch.nn.Module
@@ -81,16 +85,23 @@ class Parts:
     clipper: GradientClipper
     monitor: StepDecider
     scheduler: Any
-    augment: Callable[[Any], Any]
+    augment: Callable[[Any, Any], tuple[Any, Any]]
     device: torch.device
     accumulation_steps: int = 1
     metrics: EpochMetrics = field(default_factory=EpochMetrics)  # validation metrics
     module: torch.nn.Module | None = None   # the unwrapped model when ``model`` is DDP
+    average: Average = field(default_factory=NoAverage)  # per-step weight average (EMA)
+    val_model: Callable[[Any], Any] | None = None  # validation's forward (compile=True)
 
     @property
     def inner(self) -> torch.nn.Module:
         """The caller's model (``model`` itself unless it is wrapped in DDP)."""
         return self.module if self.module is not None else self.model
+
+    @property
+    def evaluated(self) -> Callable[[Any], Any]:
+        """Validation's forward: ``val_model`` (compiled) or the caller's model."""
+        return self.val_model if self.val_model is not None else self.inner
 
     def sync_context(self, boundary: bool) -> Any:
         """DDP's ``no_sync()`` for micro-batches before an accumulation boundary."""
@@ -149,7 +160,7 @@ class EpochSums:
         return cls(device=device)
 
 
-def _forward(p: Parts, x: Any, y: Any, where: str, model: torch.nn.Module | None = None
+def _forward(p: Parts, x: Any, y: Any, where: str, model: Callable[[Any], Any] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Model (``p.model`` unless given) and loss under autocast; a failure names the batch
     instead of a torch internal."""
@@ -213,7 +224,7 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
                 epoch: int = 0) -> EpochSums:
     """Train over ``loader`` once (from batch ``start`` when resuming mid-epoch).
 
-    Per batch: augment (train only) -> autocast forward -> weighted loss -> scaled backward; at
+    Per batch: augment ``(x, y)`` (train only) -> autocast forward -> weighted loss -> scaled backward; at
     each accumulation boundary: unscale -> clip -> guard (step or skip) -> scaler update ->
     per-batch scheduler step -> ``after_step(batches_done, sums)`` (checkpoints, preemption,
     recovery checks). Gradients are zeroed at the start of each accumulation window, so the last
@@ -243,7 +254,7 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
     for i, batch, last in _marked(loader, start, n_batches, accum):
         x, y = split_batch(batch)
         x, y = to_device(x, p.device), to_device(y, p.device)
-        x = p.augment(x)
+        x, y = p.augment(x, y)
         size = batch_rows(y)
         if w is None:
             p.optimizer.zero_grad(set_to_none=True)
@@ -282,6 +293,7 @@ def _close_window(p: Parts, w: _Window, sums: EpochSums, done: int,
     norm = p.clipper.clip(p.inner)
     bad = p.monitor.is_bad(loss, norm)
     stepped = p.monitor.step(bad)
+    p.average.step(bad)  # not on a skipped step (masked on the device); off: an empty method
     p.precision.update()
     sums.optimizer_steps += 1
     if p.scheduler.interval == "batch":
@@ -293,23 +305,27 @@ def _close_window(p: Parts, w: _Window, sums: EpochSums, done: int,
 
 
 @torch.no_grad()
-def evaluate(parts: Parts, loader: Iterable[Any]) -> EpochSums:
+def evaluate(parts: Parts, loader: Iterable[Any], model: torch.nn.Module | None = None
+             ) -> EpochSums:
     """Mean loss and metrics over ``loader`` in eval mode, under the same autocast.
 
-    Runs the unwrapped model (``parts.inner``): under DDP, evaluation makes no collective, so
+    Runs ``model`` if given (the averaged weights' own module, ``eval_ema``), else the
+    unwrapped model (``parts.evaluated``: ``parts.inner``, compiled with ``compile=True``):
+    under DDP, evaluation makes no collective, so
     ranks may hold validation shards of different lengths (the caller syncs buffers first).
     The metrics (``parts.metrics``) are reset, then updated per batch with tensor operations
     only (no host read for the built-ins); :func:`read_sums` computes them once.
     """
     p = parts
     p.model.eval()
+    net = p.evaluated if model is None else model.eval()
     sums = EpochSums.zeros(p.device)
     sums.metrics = p.metrics
     p.metrics.reset()  # torchmetrics objects too: each epoch is computed on its own
     for batch in loader:
         x, y = split_batch(batch)
         x, y = to_device(x, p.device), to_device(y, p.device)
-        out, loss = _forward(p, x, y, f"validation batch {sums.batches}", p.inner)
+        out, loss = _forward(p, x, y, f"validation batch {sums.batches}", net)
         sums.add(loss, batch_rows(y))
         p.metrics.update(out, y)
     return sums

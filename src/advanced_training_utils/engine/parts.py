@@ -6,8 +6,8 @@ of stateful parts (:mod:`.state`) that checkpoints, resumes and recovery's snaps
 
 A feature that is off is a no-op object, so that neither the loop nor the run tests for None:
 no scheduler is :class:`NoSchedule` (``interval='never'``), no early stopping is
-:class:`NoEarlyStopping`, no augmentation is :func:`identity` (and :class:`~.state.NoState` in
-the table).
+:class:`NoEarlyStopping`, no augmentation and no mixing is :func:`identity` (and
+:class:`~.state.NoState` in the table), no weight average is :class:`~.averaging.NoAverage`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,17 +25,27 @@ from .. import checkpoint as ck
 from ..clipping import GradientClipper
 from ..early_stopping import EarlyStopping
 from ..metrics import resolve_metrics
+from ..mixing import BatchMixing
 from ..precision import MixedPrecisionTrainer
 from ..scheduler import LearningRateScheduler
 from . import distributed
+from .averaging import EMA, SWA, Average, NoAverage
 from .balance import ClassWeights, balanced_loader, weigh_criterion
+from .compiled import compile_forward, unwrap_compiled
 from .config import TrainConfig
 from .dataorder import ResumableLoader, make_resumable
 from .health.guard import StepGuard
 from .health.monitor import DivergenceMonitor
 from .health.recovery import Recovery
-from .loop import Parts
-from .prepare import FirstBatchCheck, build_augment, build_optimizer, loader_length
+from .loop import Parts, split_batch, to_device
+from .prepare import (
+    BatchFn,
+    FirstBatchCheck,
+    build_augment,
+    build_mixing,
+    build_optimizer,
+    loader_length,
+)
 from .resume import optimizer_spec
 from .state import (
     PROGRESS,
@@ -54,9 +64,18 @@ __all__ = ["NoSchedule", "NoEarlyStopping", "RunEarlyStopping", "Selection", "id
 log = logging.getLogger(__name__)
 
 
-def identity(x: Any) -> Any:
-    """No augmentation: the batch itself (no copy, no kernel)."""
-    return x
+def identity(x: Any, y: Any) -> tuple[Any, Any]:
+    """No augmentation: the batch's inputs and targets themselves (no copy, no kernel)."""
+    return x, y
+
+
+def _then_mix(augment: BatchFn | None, mixing: BatchMixing | None) -> BatchFn:
+    """The training batches' hook: the augmentation, then the mixing (identity when off)."""
+    if mixing is None:
+        return augment or identity
+    if augment is None:
+        return mixing
+    return lambda x, y: mixing(*augment(x, y))
 
 
 class NoSchedule:
@@ -184,6 +203,9 @@ class RunParts:
     table: dict[str, Stateful]        # the checkpoint's parts (main rank)
     rank: RankState                   # this rank's entry of the checkpoint's ranks
     class_weights: ClassWeights       # the criterion's class weights (balance.py; off: None)
+    ema: Average                      # ema_decay: per-step EMA (averaging.py; off: NoAverage)
+    swa: Average                      # swa_start: per-epoch SWA (off: NoAverage)
+    eval_average: Average             # eval_ema: the average validation runs on (else NoAverage)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -202,7 +224,8 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
                 val_loader: Iterable[Any] | None, criterion: Callable[..., torch.Tensor],
                 cfg: TrainConfig, device: torch.device, ctx: distributed.DistContext) -> RunParts:
     """Build the run's parts from ``cfg`` (the model moves to ``device``; loaders are sharded
-    under DDP)."""
+    under DDP; a ``torch.compile``'d model is unwrapped: its original module is the run's)."""
+    model = unwrap_compiled(model, cfg.compile)
     model.to(device)
     # class imbalance: from the whole training set (every rank the same), before sharding
     criterion, class_weights = weigh_criterion(criterion, train_loader, cfg, device,
@@ -226,38 +249,45 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
     n_batches = loader_length(train_loader)  # None: no length (an IterableDataset, say)
     scheduler = _build_scheduler(cfg, optimizer, n_batches)
     metrics = resolve_metrics(cfg.metrics, device=device)
-    first_check = FirstBatchCheck(cfg, criterion, model, device,  # on this rank's first batch
-                                  metrics)
     augment, augmenter = build_augment(cfg, cfg.seed)
+    mixing = build_mixing(cfg)
+    first_check = FirstBatchCheck(cfg, criterion, model, device,  # on this rank's first batch
+                                  metrics, mixing)
     selection = _selection(cfg, val_loader is not None)
     early = (RunEarlyStopping(cfg.early_stop_patience, cfg.min_delta, cfg.mode)
              if cfg.early_stop_patience is not None else NoEarlyStopping())
     if val_loader is None and (cfg.early_stop_patience is not None or scheduler.is_plateau):
         log.warning("no val_loader: early stopping / plateau scheduling follow the training loss")
     net = ctx.wrap(model, device)
+    fwd, val_fwd = _forwards(cfg, net, model)  # compile=True: compiled forwards (compiled.py)
+    loader = make_resumable(train_loader, (val_loader,))
+    ema, swa, eval_average = _build_averages(cfg, model, loader, device, val_loader is not None)
     snapshot: dict[str, Stateful] = {   # what a rollback restores
         ck.MODEL_KEY: model,
         ck.OPTIMIZER_KEY: optimizer,
         ck.SCHEDULER_KEY: scheduler,
         ck.PRECISION_KEY: precision,
         ck.CLIPPER_KEY: KeepSettings(clipper, "max_norm", "norm_type"),  # the run's threshold
+        ck.EMA_KEY: ema,                # the averages roll back with the weights
+        ck.SWA_KEY: swa,
     }
     recovery = Recovery(snapshot, model, optimizer, scheduler, guard, enabled=cfg.recovery,
                         rollback_after=cfg.rollback_after, lr_factor=cfg.rollback_lr_factor,
                         max_rollbacks=cfg.max_rollbacks, divergence_factor=cfg.divergence_factor)
     monitor = DivergenceMonitor(guard, recovery, cfg.recovery_check_every)
-    steps = Parts(model=net, criterion=criterion, optimizer=optimizer, precision=precision,
+    steps = Parts(model=fwd, criterion=criterion, optimizer=optimizer, precision=precision,
                   clipper=clipper, monitor=monitor, scheduler=scheduler,
-                  augment=augment or identity, device=device,
+                  augment=_then_mix(augment, mixing), device=device,
                   accumulation_steps=cfg.accumulation_steps, metrics=metrics,
-                  module=model if net is not model else None)
-    loader = make_resumable(train_loader, (val_loader,))
+                  module=model if fwd is not model else None,
+                  val_model=val_fwd if val_fwd is not model else None, average=ema)
     progress = RunProgress(best_loss=selection.worst)
     position = EpochPosition(loader, progress)
     table: dict[str, Stateful] = {  # the checkpoint: one line per stateful part
         **snapshot,
         ck.EARLY_STOPPING_KEY: early,
         ck.AUGMENTATION_KEY: augmenter or NoState(),
+        ck.MIXING_KEY: mixing or NoState(),
         PROGRESS: progress,
         ck.EPOCH_ORDER_KEY: position,
         ck.CONFIG_KEY: Fixed(cfg.to_plain()),
@@ -270,7 +300,46 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
                     steps=steps, scheduler=scheduler, early=early, monitor=monitor,
                     first_check=first_check, selection=selection, progress=progress,
                     position=position, table=table, rank=RankState(guard, position, device),
-                    class_weights=class_weights)
+                    class_weights=class_weights, ema=ema, swa=swa, eval_average=eval_average)
+
+
+def _build_averages(cfg: TrainConfig, model: torch.nn.Module, loader: ResumableLoader,
+                    device: torch.device, has_val: bool) -> tuple[Average, Average, Average]:
+    """The EMA, the SWA and the one validation runs on (``eval_ema``: SWA when on, else the
+    EMA; the live model without a val_loader), each a no-op when off."""
+    ema: Average = (EMA(model, cfg.ema_decay, cfg.ema_warmup, skip_bad=cfg.recovery)
+                    if cfg.ema_decay is not None else NoAverage())
+    swa: Average = (SWA(model, cfg.swa_start, lambda: _bn_inputs(loader, device))
+                    if cfg.swa_start is not None else NoAverage())
+    if cfg.eval_ema and not has_val:
+        log.warning("eval_ema=True without a val_loader: the best epoch follows the live "
+                    "model's training loss")
+    eval_average = (swa if cfg.swa_start is not None else ema) if cfg.eval_ema and has_val \
+        else NoAverage()
+    return ema, swa, eval_average
+
+
+def _bn_inputs(loader: ResumableLoader, device: torch.device) -> Iterator[Any]:
+    """The training loader's inputs (on ``device``) for SWA's batch-norm pass, read from the
+    loader the user gave (not the resumable wrapper: the recorded epoch order is untouched);
+    every random state it draws from (global RNGs, the loaders' generators) is restored when
+    the pass ends, so the run's data order and random draws are those of a run without it."""
+    state = loader.rng_state()
+    try:
+        for batch in loader.original:
+            yield to_device(split_batch(batch)[0], device)
+    finally:
+        loader.load_rng_state(state)
+
+
+def _forwards(cfg: TrainConfig, net: torch.nn.Module, model: torch.nn.Module
+              ) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """The training and validation forwards: ``net`` (DDP or the model) and ``model``; with
+    ``compile=True`` each compiled (validation's without DDP: it makes no collective)."""
+    if not cfg.compile:
+        return net, model
+    fwd = compile_forward(net, cfg.compile_options)
+    return fwd, fwd if net is model else compile_forward(model, cfg.compile_options)
 
 
 def _float_dtype(model: torch.nn.Module) -> torch.dtype | None:

@@ -13,7 +13,11 @@ named method of ``_Run``:
 4. per epoch: train (:func:`loop.train_epoch`, which calls back after every optimizer step for
    recovery checks, step checkpoints and preemption), evaluate, read the epoch's numbers once
    (the divergence monitor may roll back here), then the decisions: step the LR, keep the best
-   weights, count for early stopping, stability checks; record the history row, save;
+   weights, count for early stopping, stability checks; record the history row, ask the
+   ``on_epoch_end`` callback (the one extension point: :meth:`_Run.call_back`), save; with
+   weight averaging (:mod:`.averaging`) the EMA updates after each step the guard took, SWA
+   averages at the end of each training epoch from ``swa_start`` on, and with ``eval_ema``
+   validation runs on the averaged copy (the live model is never swapped);
 5. the result: the best weights restored (unless ``restore_best_weights=False``) and a dict.
 
 Devices: ``'auto'`` picks CUDA, then MPS, then CPU. ``'cuda'`` on a machine without CUDA logs a
@@ -39,16 +43,17 @@ import torch
 from .. import checkpoint as ck
 from ..stability import TrainingStability
 from . import distributed
+from .compiled import plain_checkpoint, plain_keys
 from .config import TrainConfig
 from .health.monitor import EpochHealth
 from .health.recovery import RecoveryEvent
 from .loop import EpochSums, evaluate, read_sums, train_epoch
-from .options import TrainOptions, Unpack
+from .options import EpochCallback, TrainOptions, Unpack
 from .parts import RunParts, build_parts
 from .preemption import PreemptionHandler, TrainingPreempted
 from .prepare import check_inputs, infer_modality, resolve_device
 from .progress import Progress
-from .record import epoch_row, log_stability, run_grad_stats, summary_line
+from .record import HistoryRow, epoch_row, log_stability, run_grad_stats, summary_line
 from .resume import check_optimizer, check_options
 from .runfiles import RunFiles, closing
 from .state import load_parts, save_parts
@@ -59,13 +64,10 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- the function
-def train_model_advanced(
-    model: torch.nn.Module,
-    train_loader: Iterable[Any],
-    val_loader: Iterable[Any] | None = None,
-    criterion: Callable[..., torch.Tensor] | None = None,
-    **options: Unpack[TrainOptions],
-) -> dict[str, Any]:
+def train_model_advanced(model: torch.nn.Module, train_loader: Iterable[Any],
+                         val_loader: Iterable[Any] | None = None,
+                         criterion: Callable[..., torch.Tensor] | None = None,
+                         **options: Unpack[TrainOptions]) -> dict[str, Any]:
     """Train ``model`` with scheduling, clipping, mixed precision, augmentation, early stopping,
     stability checks, a bad-step guard with divergence recovery, and crash-safe checkpoints.
 
@@ -79,7 +81,8 @@ def train_model_advanced(
             defaults; an unknown name is a ``TypeError``). Run: ``epochs``, ``learning_rate``,
             ``device`` (``'auto'``: CUDA, MPS, else CPU), ``seed``, ``verbose``. Optimisation:
             ``optimizer`` (an optimizer or a factory of the parameters; default fused AdamW),
-            ``weight_decay``, ``accumulation_steps``, ``gradient_clip`` (None: no clipping).
+            ``weight_decay``, ``accumulation_steps``, ``batch_size_choice`` (the batch-size
+            finder's record, :mod:`.batchfind`), ``gradient_clip`` (None: no clipping).
             Scheduler: ``use_scheduler``, ``scheduler_type`` and ``LearningRateScheduler``'s
             ``factor``, ``T_max`` (default: epochs), ``gamma``, ``step_size``, ``min_lr``,
             ``max_lr`` (default: learning_rate), ``pct_start``, ``warmup_steps``, and
@@ -87,26 +90,32 @@ def train_model_advanced(
             stopping has one too). Precision: ``use_mixed_precision``, ``amp_dtype`` (None:
             float16 on CUDA, bfloat16 on CPU). Augmentation: ``use_augmentation``, ``augment``
             (``'audio'``, ``'emotion'``, ``'notes'`` or a callable; with None nothing is applied
-            and a warning is logged), ``augment_options``. Class imbalance (``'balanced'``,
+            and a warning is logged), ``augment_options``, ``augment_targets`` (True: a callable
+            ``augment`` maps ``(inputs, targets)``). Soft targets (:mod:`..mixing`):
+            ``mixup_alpha``, ``cutmix_alpha``, ``label_smoothing``. Compilation: ``compile``
+            (:mod:`.compiled`), ``compile_options``. Class imbalance (``'balanced'``,
             :mod:`.balance`): ``class_weights``, ``sampler``. Stopping and checks:
             ``early_stop_patience``, ``min_delta``, ``restore_best_weights``,
             ``check_stability``, ``stability_every``, ``metrics`` (``uar``, ``macro_f1``,
             ``accuracy``, ``per_class_recall``, ``ccc``, ``mae``, torchmetrics objects,
             callables; logged as ``val_<key>``), ``monitor`` (the logged key for the best epoch,
-            early stopping, plateau) and ``mode`` (``min``/``max``). Files: ``checkpoint_dir``,
+            early stopping, plateau), ``mode`` (``min``/``max``), ``on_epoch_end`` (a callable
+            given each epoch's history row; True stops). Files: ``checkpoint_dir``,
             ``model_name``, ``resume`` (True: the newest intact ``{model_name}_last*.pt``; or a
             path), ``checkpoint_every_n_steps``, ``keep_last``, ``handle_signals``,
             ``metrics_file``, ``tensorboard``. Recovery: ``recovery``, ``spike_factor``,
             ``spike_window``, ``rollback_after``, ``rollback_lr_factor``, ``max_rollbacks``,
-            ``divergence_factor``, ``recovery_check_every``. Under torchrun: ``dist_timeout``.
+            ``divergence_factor``, ``recovery_check_every``. Weight averaging (:mod:`.averaging`):
+            ``ema_decay``, ``ema_warmup``, ``swa_start``, ``eval_ema``. DDP: ``dist_timeout``.
 
     Returns:
-        dict with ``best_epoch`` (1-based; 0: none improved), ``monitor``, ``best_metric``
-        (its best value), ``best_val_loss`` (the best epoch's val loss), ``history`` (a dict per
-        epoch), ``stopped_early``, ``epochs_run``, ``best_checkpoint`` and ``last_checkpoint``
-        (paths or None), ``grad_stats`` (the clipper's statistics over the run), ``stability``
-        (the last check's findings or None), ``skipped_steps``, ``rollbacks``, ``recovery_events``,
-        ``class_weights`` (floats, or None).
+        dict with ``best_epoch`` (1-based; 0: none improved), ``monitor``, ``best_metric`` (its best
+        value), ``best_val_loss`` (the best epoch's val loss), ``history`` (a dict per epoch),
+        ``stopped_early``, ``stopped_by_callback``, ``epochs_run``, ``best_checkpoint`` and
+        ``last_checkpoint`` (paths or None), ``grad_stats`` (the clipper's statistics over the run),
+        ``stability`` (the last check's findings or None), ``skipped_steps``, ``rollbacks``,
+        ``recovery_events``, ``class_weights`` (floats, or None), ``best_weights`` and
+        ``averaged_weights`` (see :mod:`.averaging`).
 
     Raises:
         TypeError / ValueError: bad options, model, loaders, labels or criterion, named; or a
@@ -116,8 +125,7 @@ def train_model_advanced(
             repeated failed writes, or (``RunLockedError``) another live run using the same
             ``checkpoint_dir`` and ``model_name`` (the message names its pid and host).
         TrainingDivergedError: recovery used up its rollbacks (``.diagnosis`` says why).
-        TrainingPreempted: after SIGTERM/SIGINT and the checkpoint (a ``SystemExit``; code 143
-            or 130).
+        TrainingPreempted: after SIGTERM/SIGINT and the checkpoint (``SystemExit``, 143/130).
     """
     cfg = TrainConfig.from_options(**options)
     check_inputs(model, train_loader, val_loader, criterion)
@@ -135,8 +143,9 @@ def train_model_advanced(
                 improved = run.keep_best(epoch, monitored, health.event)
                 run.stop_early(monitored)
                 run.check_stability(epoch, nums, health)
-                run.record(epoch, nums, health, improved)
-                run.save(improved)
+                row = run.record(epoch, nums, health, improved)
+                run.call_back(row, improved)
+                run.save(row, improved)
                 run.stop_if_preempted(preempt)
         return run.result()
 
@@ -198,6 +207,7 @@ class _Run:
         self.lr_history: list[float] = []
         self.stability: dict[str, Any] | None = None
         self.stopped_early = False
+        self.stopped_by_callback = False
         self._epoch_started = time.perf_counter()
 
     # ------------------------------------------------------------------ resume
@@ -230,6 +240,7 @@ class _Run:
 
     def _load(self, path: Path, state: dict[str, Any]) -> None:
         p, ctx = self.parts, self.ctx
+        state = plain_checkpoint(state, path)  # weights saved from a compiled or DDP model
         check_options(state.get(ck.CONFIG_KEY), self.cfg, path)
         check_optimizer(state.get(ck.OPTIMIZER_SPEC_KEY), state[ck.OPTIMIZER_KEY], p.optimizer,
                         p.opt_spec, path)
@@ -240,17 +251,18 @@ class _Run:
         load_parts(p.table, state)
         prog = p.progress
         if self.cfg.restore_best_weights:  # a damaged _best.pt falls back with a warning
-            prog.best_weights = self.files.best_weights(prog.best_epoch, state,
-                                                        map_location=p.steps.device)
+            best = self.files.best_weights(prog.best_epoch, state, map_location=p.steps.device,
+                                           entry=prog.best_kind)
+            prog.best_weights = plain_keys(best, path) if best is not None else None
         p.rank.load_state_dict(ranks[ctx.rank])
         self.files.rewrite_metrics(prog.history)
         log.info("resumed from %s at epoch %d, batch %d", path, prog.epoch, prog.step)
 
     # ------------------------------------------------------------------ one epoch
     def epochs(self) -> Iterator[int]:
-        """The epochs left to run (1-based), until early stopping says stop."""
+        """The epochs left to run (1-based), until early stopping or the callback says stop."""
         for epoch in range(self.parts.progress.epoch + 1, self.cfg.epochs + 1):
-            if self.stopped_early:
+            if self.stopped_early or self.stopped_by_callback:
                 return
             yield epoch
 
@@ -269,6 +281,7 @@ class _Run:
                             progress=self.bar.update, epoch=epoch)
         if train.batches == 0:
             raise ValueError("train_loader yielded no batch this epoch")
+        p.swa.end_epoch(epoch)  # SWA averages the epoch's end weights (a no-op when off)
         return train
 
     def _after_step(self, epoch: int, preempt: PreemptionHandler, done: int,
@@ -297,7 +310,10 @@ class _Run:
         if p.val_loader is None:
             return None
         self.ctx.sync_buffers(p.model)  # evaluation runs without DDP (uneven val shards)
-        val = evaluate(p.steps, p.val_loader)
+        averaged = p.eval_average.module()  # eval_ema: the average's own copy; else None (live)
+        if averaged is not None:
+            self.ctx.sync_buffers(averaged)  # SWA's batch-norm pass ran on each rank's shard
+        val = evaluate(p.steps, p.val_loader, averaged)
         if not self.ctx.any_host(val.examples > 0):
             raise ValueError("val_loader is empty: it yielded no batch; pass val_loader=None "
                              "to follow the training loss instead")
@@ -332,15 +348,17 @@ class _Run:
     def keep_best(self, epoch: int, monitored: float, event: RecoveryEvent | None) -> bool:
         """Whether the epoch is the new best (the monitored value finite, better in ``mode`` by
         more than ``min_delta``, no rollback); then its weights are kept (with
-        ``restore_best_weights``)."""
-        prog = self.parts.progress
-        improved = event is None and self.parts.selection.improved(
+        ``restore_best_weights``): the weights validation ran on, live or averaged."""
+        p, prog = self.parts, self.parts.progress
+        improved = event is None and p.selection.improved(
             monitored, prog.best_loss, self.cfg.min_delta)
         if improved:
             prog.best_loss, prog.best_epoch = monitored, epoch
+            prog.best_kind = p.eval_average.holds
             if self.cfg.restore_best_weights:
-                prog.best_weights = {k: v.detach().clone()
-                                     for k, v in self.parts.model.state_dict().items()}
+                weights = (p.model.state_dict() if prog.best_kind == "model"
+                           else p.eval_average.weights())
+                prog.best_weights = {k: v.detach().clone() for k, v in weights.items()}
         return improved
 
     def stop_early(self, monitored: float) -> None:
@@ -359,8 +377,8 @@ class _Run:
 
     # ------------------------------------------------------------------ record, save, stop
     def record(self, epoch: int, nums: dict[str, Any], health: EpochHealth,
-               improved: bool) -> None:
-        """The epoch's history row: kept, written to the metrics log, printed."""
+               improved: bool) -> HistoryRow:
+        """The epoch's history row: kept in the history and printed (:meth:`save` logs it)."""
         p = self.parts
         event = health.event.detail if health.event is not None else None
         row = epoch_row(epoch, nums, p.clipper.get_stats(), p.lr(), health.skipped,
@@ -369,15 +387,50 @@ class _Run:
                         self.stability)
         p.clipper.reset()
         p.progress.end_epoch(epoch, row)
-        self.files.write_metrics(row)
         line = summary_line(row, self.cfg.epochs)
         if self.cfg.verbose:
             self.bar.finish(line)
         else:
             log.info(line)
+        return row
 
-    def save(self, improved: bool) -> None:
-        """The epoch-end checkpoint, written in the background (and ``_best.pt`` if improved)."""
+    def call_back(self, row: HistoryRow, improved: bool) -> None:
+        """Ask ``on_epoch_end(row)`` whether to stop (``row`` is the history's own dict).
+
+        True stops the run after this epoch's checkpoint: the row gets ``stopped_by_callback``
+        (in the history, the metrics log and the checkpoint), the result says so. Under DDP
+        every rank calls it with its row (the same numbers; ``seconds`` is the rank's own) and
+        rank 0's answer is taken by all. An exception, or an answer other than True, False or
+        None (a ``TypeError``), propagates after the epoch's checkpoint is written, on the rank
+        that raised it (a ``RuntimeError`` naming that rank on the others).
+        """
+        error: BaseException | None = None
+        try:
+            stop = _stop_asked(self.on_epoch_end(row))
+        except BaseException as e:  # re-raised below, after the checkpoint
+            stop, error = False, e
+        answers = self.ctx.gather_object((stop, error is not None))  # [(stop, raised)] per rank
+        raised = [rank for rank, (_, failed) in enumerate(answers) if failed]
+        if raised:
+            self.save(row, improved)  # written before the error leaves the run (closing waits)
+            if error is not None:
+                raise error
+            raise RuntimeError(f"on_epoch_end raised on rank(s) {raised}; see their logs")
+        if answers[0][0]:
+            self.stopped_by_callback = True
+            row["stopped_by_callback"] = True
+            log.info("epoch %d: on_epoch_end returned True; stopping after this epoch's "
+                     "checkpoint", row["epoch"])
+
+    @property
+    def on_epoch_end(self) -> EpochCallback:
+        """The callback, or one that never stops."""
+        return self.cfg.on_epoch_end or _go_on
+
+    def save(self, row: HistoryRow, improved: bool) -> None:
+        """The epoch's row to the metrics log; the epoch-end checkpoint, written in the
+        background (and ``_best.pt`` if improved)."""
+        self.files.write_metrics(dict(row))
         self.files.save(self._checkpoint(), best=improved, background=True)
 
     def _checkpoint(self) -> dict[str, Any] | None:
@@ -414,6 +467,7 @@ class _Run:
             "monitor": p.selection.key,
             "history": prog.history,
             "stopped_early": self.stopped_early,
+            "stopped_by_callback": self.stopped_by_callback,
             "epochs_run": len(prog.history),
             "best_checkpoint": str(files.best) if files.best is not None
             and files.best.exists() else None,
@@ -425,6 +479,9 @@ class _Run:
             "rollbacks": p.monitor.rollbacks,
             "recovery_events": [e.as_dict() for e in p.monitor.events],
             "class_weights": p.class_weights.as_list(),
+            "best_weights": prog.best_kind,
+            "averaged_weights": {a.kind: a.weights() for a in (p.ema, p.swa)
+                                 if a.holds != "model"},
         }
 
     def _best_val_loss(self) -> float:
@@ -436,3 +493,18 @@ class _Run:
             return prog.best_loss
         rows = [h for h in prog.history if h["epoch"] == prog.best_epoch]
         return rows[0]["val_loss"] if rows else math.inf
+
+
+def _go_on(row: HistoryRow) -> None:
+    """The callback when ``on_epoch_end`` is None: never stops."""
+
+
+def _stop_asked(answer: object) -> bool:
+    """``on_epoch_end``'s answer: True stops, None or False go on; anything else (a truthy
+    string, a tensor, 1) is a ``TypeError``, since guessing would stop or continue by chance."""
+    if answer is None or answer is False:
+        return False
+    if answer is True:
+        return True
+    raise TypeError(f"on_epoch_end must return True (stop), False or None (go on); it returned "
+                    f"{answer!r} ({type(answer).__name__})")
