@@ -331,3 +331,22 @@ def test_resume_reuses_the_recorded_choice_without_probing(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="kept an effective batch of 8, this one asks for 16"):
         batchsize.apply_auto(_tiny_task(), {**options, "accumulation_steps": 2}, opts, 8,
                              tmp_path, "tiny", resume=True)
+
+
+# ---------------------------------------------------------------------------- new-user cases
+@pytest.mark.parametrize("mixing", [dict(mixup_alpha=0.2), dict(cutmix_alpha=1.0),
+                                    dict(label_smoothing=0.1)])
+def test_label_mixing_options_are_probed_like_the_run(mixing):
+    # They failed with "num_classes is not known: ... set_classes()": the probe skipped the
+    # run's first-batch check, which gives the mixing its number of classes.
+    data = TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    r = find_batch_size(nn.Linear(8, 3), data, nn.CrossEntropyLoss(), target_batch_size=16,
+                        memory_budget=1 << 20, **mixing, **QUIET)
+    assert r.micro_batch_size * r.accumulation_steps == 16
+
+
+def test_mixing_with_a_class_index_criterion_is_refused_naming_the_option():
+    data = TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    with pytest.raises(ValueError, match="mixup_alpha=0.2 .*NLLLoss takes class indices only"):
+        find_batch_size(nn.Sequential(nn.Linear(8, 3), nn.LogSoftmax(-1)), data, nn.NLLLoss(),
+                        target_batch_size=16, memory_budget=1 << 20, mixup_alpha=0.2, **QUIET)

@@ -294,6 +294,8 @@ class _Prober:
                 parts.monitor.snapshot()
 
         batches = (self.train_items.batch(size) for _ in range(n_batches))
+        if _mixes_labels(self.cfg):  # the run's first-batch check gives the mixing its classes
+            batches = parts.first_check.wrap(batches)
         train_epoch(parts.steps, batches, n_batches=n_batches, after_step=after_step)
 
     def train_step(self, size: int) -> None:
@@ -392,6 +394,12 @@ def _nothing_fits(phase: str, prober: _Prober, budget: int) -> torch.OutOfMemory
         f"{format_bytes(budget)} with headroom {prober.meter.headroom:g} (peak "
         f"{format_bytes(prober.peak(phase, 1))}): a smaller model, mixed precision or more "
         "memory is needed")
+
+
+def _mixes_labels(cfg: TrainConfig) -> bool:
+    """Whether the run mixes or smooths labels (mixup, cutmix, label smoothing)."""
+    return (cfg.mixup_alpha is not None or cfg.cutmix_alpha is not None
+            or bool(cfg.label_smoothing))
 
 
 def find_batch_size(model: torch.nn.Module, dataset: Sequence[Any], criterion: Any, *,
