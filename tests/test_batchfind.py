@@ -350,3 +350,19 @@ def test_mixing_with_a_class_index_criterion_is_refused_naming_the_option():
     with pytest.raises(ValueError, match="mixup_alpha=0.2 .*NLLLoss takes class indices only"):
         find_batch_size(nn.Sequential(nn.Linear(8, 3), nn.LogSoftmax(-1)), data, nn.NLLLoss(),
                         target_batch_size=16, memory_budget=1 << 20, mixup_alpha=0.2, **QUIET)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from ((torch.randn(4), torch.tensor(0)) for _ in range(8))
+
+
+def test_an_iterable_dataset_is_refused_by_name():
+    # It failed with a bare "TypeError: object of type '_Stream' has no len()".
+    with pytest.raises(TypeError, match="find_batch_size needs a map-style dataset.*_Stream"):
+        find_batch_size(nn.Linear(4, 2), _Stream(), nn.CrossEntropyLoss(), target_batch_size=4,
+                        memory_budget=1 << 20, **QUIET)
+    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    with pytest.raises(TypeError, match="map-style val_dataset"):
+        find_batch_size(nn.Linear(4, 2), data, nn.CrossEntropyLoss(), target_batch_size=4,
+                        val_dataset=_Stream(), memory_budget=1 << 20, **QUIET)
