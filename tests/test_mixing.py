@@ -425,3 +425,13 @@ def test_class_targets_need_a_model_output_of_classes():
                                          r"\(8, 2, 1\)"):
         model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Unflatten(1, (2, 1)))
         train_model_advanced(model, tl, None, crit, epochs=1, cutmix_alpha=1.0, **QUIET)
+
+
+@pytest.mark.parametrize("name, value", [("mixup_alpha", 0), ("cutmix_alpha", 0.0),
+                                         ("ema_decay", 0), ("swa_start", 0)])
+def test_zero_for_off_is_told_that_none_turns_it_off(name, value):
+    # `advtrain compare --set mixup_alpha=0,0.2` was refused with "mixup_alpha must be > 0,
+    # got 0" alone: the message did not say how to write "off" in the grid.
+    with pytest.raises(ValueError, match=rf"{name} must be .*got {value}.*\({name}=None, null "
+                                         r"in YAML or --set, turns it off\)"):
+        TrainConfig.from_options(**{name: value})
