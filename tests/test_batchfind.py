@@ -286,6 +286,11 @@ def test_parse_bytes_refuses_naming_the_option(bad):
     (["batch_size=auto"], "batch_size='auto' on device 'cpu' needs memory_budget"),
     (["batch_size=auto", "memory_budget=lots"], "memory_budget must be bytes or a number"),
     (["batch_size=0"], "batch_size must be >= 1"),
+    # memory_budget without batch_size=auto was silently ignored: the run trained at the
+    # task's default batch whatever the budget
+    (["memory_budget=16MiB"], "memory_budget=16MiB bounds the batch-size finder only: add "
+                              "--set batch_size=auto, or drop memory_budget"),
+    (["batch_size=8", "memory_budget=16MiB"], "memory_budget=16MiB bounds the batch-size"),
 ])
 def test_cli_auto_without_a_cpu_budget_is_one_error_line_before_any_work(tmp_path, capsys,
                                                                         sets, message):
