@@ -435,3 +435,14 @@ def test_zero_for_off_is_told_that_none_turns_it_off(name, value):
     with pytest.raises(ValueError, match=rf"{name} must be .*got {value}.*\({name}=None, null "
                                          r"in YAML or --set, turns it off\)"):
         TrainConfig.from_options(**{name: value})
+
+
+def test_label_smoothing_in_both_the_option_and_the_criterion_is_refused():
+    # CrossEntropyLoss(label_smoothing=0.1) with label_smoothing=0.1 trained silently with the
+    # targets smoothed twice (an effective 0.19).
+    model = make_model(1)
+    tl = torch.utils.data.DataLoader(make_data(32), batch_size=16)
+    with pytest.raises(ValueError, match=r"label_smoothing=0.1 and CrossEntropyLoss\("
+                                         r"label_smoothing=0.1\) would smooth the targets twice"):
+        train_model_advanced(model, tl, None, torch.nn.CrossEntropyLoss(label_smoothing=0.1),
+                             epochs=1, label_smoothing=0.1, **QUIET)
