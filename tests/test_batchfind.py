@@ -286,6 +286,11 @@ def test_parse_bytes_refuses_naming_the_option(bad):
     (["batch_size=auto"], "batch_size='auto' on device 'cpu' needs memory_budget"),
     (["batch_size=auto", "memory_budget=lots"], "memory_budget must be bytes or a number"),
     (["batch_size=0"], "batch_size must be >= 1"),
+    # memory_budget without batch_size=auto was silently ignored: the run trained at the
+    # task's default batch whatever the budget
+    (["memory_budget=16MiB"], "memory_budget=16MiB bounds the batch-size finder only: add "
+                              "--set batch_size=auto, or drop memory_budget"),
+    (["batch_size=8", "memory_budget=16MiB"], "memory_budget=16MiB bounds the batch-size"),
 ])
 def test_cli_auto_without_a_cpu_budget_is_one_error_line_before_any_work(tmp_path, capsys,
                                                                         sets, message):
@@ -331,3 +336,38 @@ def test_resume_reuses_the_recorded_choice_without_probing(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="kept an effective batch of 8, this one asks for 16"):
         batchsize.apply_auto(_tiny_task(), {**options, "accumulation_steps": 2}, opts, 8,
                              tmp_path, "tiny", resume=True)
+
+
+# ---------------------------------------------------------------------------- new-user cases
+@pytest.mark.parametrize("mixing", [dict(mixup_alpha=0.2), dict(cutmix_alpha=1.0),
+                                    dict(label_smoothing=0.1)])
+def test_label_mixing_options_are_probed_like_the_run(mixing):
+    # They failed with "num_classes is not known: ... set_classes()": the probe skipped the
+    # run's first-batch check, which gives the mixing its number of classes.
+    data = TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    r = find_batch_size(nn.Linear(8, 3), data, nn.CrossEntropyLoss(), target_batch_size=16,
+                        memory_budget=1 << 20, **mixing, **QUIET)
+    assert r.micro_batch_size * r.accumulation_steps == 16
+
+
+def test_mixing_with_a_class_index_criterion_is_refused_naming_the_option():
+    data = TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    with pytest.raises(ValueError, match="mixup_alpha=0.2 .*NLLLoss takes class indices only"):
+        find_batch_size(nn.Sequential(nn.Linear(8, 3), nn.LogSoftmax(-1)), data, nn.NLLLoss(),
+                        target_batch_size=16, memory_budget=1 << 20, mixup_alpha=0.2, **QUIET)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from ((torch.randn(4), torch.tensor(0)) for _ in range(8))
+
+
+def test_an_iterable_dataset_is_refused_by_name():
+    # It failed with a bare "TypeError: object of type '_Stream' has no len()".
+    with pytest.raises(TypeError, match="find_batch_size needs a map-style dataset.*_Stream"):
+        find_batch_size(nn.Linear(4, 2), _Stream(), nn.CrossEntropyLoss(), target_batch_size=4,
+                        memory_budget=1 << 20, **QUIET)
+    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    with pytest.raises(TypeError, match="map-style val_dataset"):
+        find_batch_size(nn.Linear(4, 2), data, nn.CrossEntropyLoss(), target_batch_size=4,
+                        val_dataset=_Stream(), memory_budget=1 << 20, **QUIET)

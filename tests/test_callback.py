@@ -6,6 +6,7 @@ continues as if the run had never stopped."""
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,11 @@ def test_resume_after_a_callback_stop_equals_the_uninterrupted_run(tmp_path):
 
 def _last_weights(folder):
     return load_checkpoint(folder / "m_last.pt")["model"]
+
+
+@pytest.mark.parametrize("answer, epochs_run", [(np.True_, 1), (np.False_, 2)])
+def test_a_numpy_bool_answer_is_a_bool(tmp_path, answer, epochs_run):
+    # np.bool_ (what `val > threshold` gives on numpy values) was refused as "it returned
+    # np.False_ (bool)": a message that contradicts itself.
+    res = _train(tmp_path, 2, on_epoch_end=lambda row: answer, early_stop_patience=None)
+    assert res["epochs_run"] == epochs_run and res["stopped_by_callback"] is bool(answer)

@@ -667,3 +667,21 @@ def test_class_weights_on_a_task_without_classes_is_one_line_before_any_work(tmp
         "advtrain: error: class_weights='balanced' needs a classification task (cross-entropy "
         "over class labels); --task notes (BCE) has no classes to weight"]
     assert not out.exists()
+
+
+def test_label_smoothing_on_a_task_without_classes_is_one_line_before_any_work(tmp_path, capsys,
+                                                                              monkeypatch):
+    # It rendered the data, then stopped at the first batch with a traceback.
+    from advanced_training_utils.app import tasks
+
+    def no_data(*a, **k):
+        raise AssertionError("the task's data was built before the options were checked")
+
+    monkeypatch.setattr(tasks, "build_task", no_data)
+    out = tmp_path / "run"
+    assert main(["train", "--task", "notes", "--out", str(out), *NOTES_FAST,
+                 "--set", "label_smoothing=0.1"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "advtrain: error: label_smoothing=0.1 needs a classification task (cross-entropy "
+        "over class labels); --task notes (BCE) has no classes to smooth"]
+    assert not out.exists()

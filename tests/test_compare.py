@@ -79,6 +79,24 @@ def test_configurations_are_the_product_of_presets_files_and_grids(tmp_path):
     assert got["fast+scheduler_type=cosine"]["preset"] == "fast"
 
 
+def test_config_files_sharing_a_stem_are_named_by_their_folders(tmp_path):
+    # `--config runs/tune1/best.yaml --config runs/tune2/best.yaml` (two different files) was
+    # refused as "configuration 'best' given twice"; so was a file fast.yaml with --preset fast.
+    for folder in ("tune1", "tune2", "x"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "tune1" / "best.yaml").write_text("learning_rate: 1.0e-3\n")
+    (tmp_path / "tune2" / "best.yaml").write_text("learning_rate: 2.0e-3\n")
+    (tmp_path / "x" / "fast.yaml").write_text("learning_rate: 3.0e-3\n")
+    got = cmp.configurations(_args("--preset", "fast", "--config", str(tmp_path / "tune1/best.yaml"),
+                                   "--config", str(tmp_path / "tune2/best.yaml"),
+                                   "--config", str(tmp_path / "x/fast.yaml")))
+    assert list(got) == ["fast", "tune1/best", "tune2/best", "x/fast"]
+    assert [got[k].get("learning_rate") for k in got] == [None, 1e-3, 2e-3, 3e-3]
+    with pytest.raises(cmp.CLIError, match="configuration 'best' given twice"):
+        cmp.configurations(_args("--config", str(tmp_path / "tune1/best.yaml"),
+                                 "--config", str(tmp_path / "tune1/../tune1/best.yaml")))
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--task", "notes", "--seeds", "2"], "no configuration to compare"),
     (["--task", "notes", "--preset", "fast", "--seeds", "0"], "--seeds must be >= 1, got 0"),

@@ -325,3 +325,16 @@ def test_the_figure_marks_each_suggestion_and_the_median():
                     and line.get_xdata()[0] == line.get_xdata()[1])
     assert vlines == pytest.approx([1e-3, 10 ** -2.5, 1e-2])
     assert any("suggestion" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_cli_batch_size_auto_sweeps_at_the_chosen_batch(tmp_path, capsys):
+    # It crashed in torch's BatchSampler: "batch_size should be a positive integer value, but
+    # got batch_size=auto" (lr-find built the loaders with the word 'auto').
+    out = tmp_path / "lr"
+    assert main(["lr-find", "--task", "notes", "--out", str(out), "--num-steps", "12",
+                 "--repeats", "1", "--device", "cpu", "--set", "batch_size=auto",
+                 "--set", "memory_budget=2MiB"]) == 0
+    doc = json.loads((out / "lr_find.json").read_text())
+    choice = doc["options"]["batch_size_choice"]
+    assert choice["micro_batch_size"] * choice["accumulation_steps"] == 64  # the notes default
+    assert doc["options"]["accumulation_steps"] == choice["accumulation_steps"] > 1

@@ -425,3 +425,24 @@ def test_class_targets_need_a_model_output_of_classes():
                                          r"\(8, 2, 1\)"):
         model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Unflatten(1, (2, 1)))
         train_model_advanced(model, tl, None, crit, epochs=1, cutmix_alpha=1.0, **QUIET)
+
+
+@pytest.mark.parametrize("name, value", [("mixup_alpha", 0), ("cutmix_alpha", 0.0),
+                                         ("ema_decay", 0), ("swa_start", 0)])
+def test_zero_for_off_is_told_that_none_turns_it_off(name, value):
+    # `advtrain compare --set mixup_alpha=0,0.2` was refused with "mixup_alpha must be > 0,
+    # got 0" alone: the message did not say how to write "off" in the grid.
+    with pytest.raises(ValueError, match=rf"{name} must be .*got {value}.*\({name}=None, null "
+                                         r"in YAML or --set, turns it off\)"):
+        TrainConfig.from_options(**{name: value})
+
+
+def test_label_smoothing_in_both_the_option_and_the_criterion_is_refused():
+    # CrossEntropyLoss(label_smoothing=0.1) with label_smoothing=0.1 trained silently with the
+    # targets smoothed twice (an effective 0.19).
+    model = make_model(1)
+    tl = torch.utils.data.DataLoader(make_data(32), batch_size=16)
+    with pytest.raises(ValueError, match=r"label_smoothing=0.1 and CrossEntropyLoss\("
+                                         r"label_smoothing=0.1\) would smooth the targets twice"):
+        train_model_advanced(model, tl, None, torch.nn.CrossEntropyLoss(label_smoothing=0.1),
+                             epochs=1, label_smoothing=0.1, **QUIET)

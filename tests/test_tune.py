@@ -215,3 +215,16 @@ def test_each_pruner_prunes_a_clearly_worse_trial_at_its_first_epoch(pruner):
     assert PruningReporter(bad, "val_loss")({"epoch": 1, "val_loss": 5.0}) is True
     fine = study.ask()
     assert PruningReporter(fine, "val_loss")({"epoch": 1, "val_loss": 0.05}) is False
+
+
+def test_a_trial_with_batch_size_auto_trains_at_the_chosen_batch(tmp_path, child_env):
+    # The trial crashed in torch's BatchSampler ("batch_size should be a positive integer
+    # value, but got batch_size=auto"): the trial built the loaders with the word 'auto'.
+    space, out = tmp_path / "space.yaml", tmp_path / "tune"
+    space.write_text("learning_rate: {type: categorical, choices: [1.0e-3]}\n")
+    assert cli.main(["tune", "--task", "notes", "--space", str(space), "--out", str(out),
+                     "--epochs", "1", "--trials", "1", "--set", "batch_size=auto",
+                     "--set", "memory_budget=2MiB"]) == 0
+    (row,) = csv.DictReader((out / "trials.csv").open())
+    assert row["state"] == "COMPLETE", (out / "trials" / "0" / "trial.log").read_text()[-2000:]
+    assert "micro-batch 8 x 8" in (out / "trials" / "0" / "trial.log").read_text()

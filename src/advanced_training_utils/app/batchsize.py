@@ -75,12 +75,16 @@ def check_batch_options(task_opts: dict[str, Any], device: Any, processes: int) 
     """Check ``batch_size`` / ``memory_budget`` of the task options before any work.
 
     Raises:
-        ValueError, TypeError: a bad ``memory_budget``; ``batch_size='auto'`` off CUDA without
-            ``memory_budget``, or with several processes.
+        ValueError, TypeError: a bad ``memory_budget``, or one without ``batch_size='auto'``;
+            ``batch_size='auto'`` off CUDA without ``memory_budget``, or with several processes.
     """
-    if task_opts.get("memory_budget") is not None:
-        parse_bytes(task_opts["memory_budget"])
+    budget = task_opts.get("memory_budget")
+    if budget is not None:
+        parse_bytes(budget)
     if task_opts.get("batch_size") != AUTO:
+        if budget is not None:  # else silently ignored: the run would train at any size
+            raise ValueError(f"memory_budget={budget} bounds the batch-size finder only: add "
+                             "--set batch_size=auto, or drop memory_budget")
         return
     if processes > 1:
         raise ValueError("batch_size='auto' probes one process's memory: it cannot be used with "

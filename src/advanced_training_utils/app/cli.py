@@ -457,15 +457,17 @@ def _check_batch_options(task: str, task_opts: dict[str, Any], options: dict[str
 
 
 def _check_class_weights(task: str, plan: Any, options: dict[str, Any]) -> None:
-    """``class_weights`` weights a class-index loss: refuse it up front for a task whose loss
-    is not one (notes: BCE over note probabilities; --data regression: MSE)."""
-    if options.get("class_weights") is None:
-        return
+    """``class_weights`` weights a class-index loss and ``label_smoothing`` smooths class
+    labels: refuse them up front for a task whose loss is not one (notes: BCE over note
+    probabilities; --data regression: MSE)."""
     regression = plan is not None and getattr(plan, "kind", None) == "regression"
-    if task == "notes" or regression:
-        what = "--data regression (MSE)" if regression else "--task notes (BCE)"
-        raise CLIError(f"class_weights={options['class_weights']!r} needs a classification task "
-                       f"(cross-entropy over class labels); {what} has no classes to weight")
+    if task != "notes" and not regression:
+        return
+    what = "--data regression (MSE)" if regression else "--task notes (BCE)"
+    for key, verb in (("class_weights", "weight"), ("label_smoothing", "smooth")):
+        if options.get(key):
+            raise CLIError(f"{key}={options[key]!r} needs a classification task (cross-entropy "
+                           f"over class labels); {what} has no classes to {verb}")
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:

@@ -10,7 +10,8 @@ file is one (the task's defaults, the ``stable`` preset, then the file, as ``adv
 --config`` layers them). Each ``--set key=v1,v2`` is a grid axis: every configuration is run with
 each value (the cartesian product over the axes); a ``--set`` with one value applies to all.
 Values are YAML and split on the commas outside brackets and quotes (``--set
-metrics=[accuracy,uar]`` is one value). A configuration is named by its preset or file stem and
+metrics=[accuracy,uar]`` is one value). A configuration is named by its preset or file stem (with
+its last folders when files share a stem or a preset's name: ``tune1/best``) and
 the grid values it takes, e.g. ``stable+scheduler_type=cosine``. Each configuration runs with the
 seeds ``B..B+S-1`` (``--seed-base`` 0); ``--epochs`` and ``--device`` apply to all.
 
@@ -463,6 +464,23 @@ def _grid(sets: list[str]) -> tuple[dict[str, Any], list[tuple[str, list[Any], l
     return fixed, axes
 
 
+def _file_names(paths: Sequence[Path], taken: set[str]) -> list[str]:
+    """Each config file's name: its stem, or as many of its last folders as tell it apart
+    from another file with that stem (``tune1/best``, ``tune2/best``) or from a preset."""
+    def tail(path: Path, k: int) -> str:
+        return "/".join(path.with_suffix("").parts[-k:])
+
+    names = []
+    for path in paths:
+        others = [q for q in paths if q.resolve() != path.resolve()]
+        k = 1
+        while k < len(path.parts) and (tail(path, k) in taken
+                                       or any(tail(q, k) == tail(path, k) for q in others)):
+            k += 1
+        names.append(tail(path, k))
+    return names
+
+
 def configurations(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The configurations of a ``compare`` command: name -> options."""
     bases: list[tuple[str, dict[str, Any]]] = []
@@ -471,8 +489,9 @@ def configurations(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             raise CLIError(f"unknown preset {p!r}; valid presets: "
                            + ", ".join([*PRESETS, *PRESET_ALIASES]))
         bases.append((p, {"preset": p}))
-    for path in args.configs:
-        bases.append((path.stem, _read_config(path)))
+    for path, name in zip(args.configs, _file_names(args.configs, set(args.presets)),
+                          strict=True):
+        bases.append((name, _read_config(path)))
     if not bases:
         raise CLIError("no configuration to compare: give --preset and/or --config")
     fixed, axes = _grid(args.sets)

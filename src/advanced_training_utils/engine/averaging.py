@@ -185,6 +185,13 @@ class EMA(_Averaged):
         self.skip_bad = skip_bad
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.count = torch.zeros((), dtype=torch.int64, device=device)
+        for _, dtype in self._groups:
+            if dtype in (torch.bfloat16, torch.float16):
+                log.warning("ema_decay=%g with %s parameters: the average is held in %s, so an "
+                            "update (1 - ema_decay) x (live - average) smaller than its "
+                            "resolution is lost and the average lags; keep the parameters in "
+                            "float32 (use_mixed_precision=True computes in 16 bits)",
+                            self.decay, str(dtype).split(".")[1], str(dtype).split(".")[1])
 
     @torch.no_grad()
     def step(self, bad: torch.Tensor) -> None:

@@ -294,6 +294,8 @@ class _Prober:
                 parts.monitor.snapshot()
 
         batches = (self.train_items.batch(size) for _ in range(n_batches))
+        if _mixes_labels(self.cfg):  # the run's first-batch check gives the mixing its classes
+            batches = parts.first_check.wrap(batches)
         train_epoch(parts.steps, batches, n_batches=n_batches, after_step=after_step)
 
     def train_step(self, size: int) -> None:
@@ -394,6 +396,21 @@ def _nothing_fits(phase: str, prober: _Prober, budget: int) -> torch.OutOfMemory
         "memory is needed")
 
 
+def _mixes_labels(cfg: TrainConfig) -> bool:
+    """Whether the run mixes or smooths labels (mixup, cutmix, label smoothing)."""
+    return (cfg.mixup_alpha is not None or cfg.cutmix_alpha is not None
+            or bool(cfg.label_smoothing))
+
+
+def _check_map_style(name: str, dataset: Any) -> None:
+    """Refuse a dataset without ``len`` and indexing (an ``IterableDataset``), by name."""
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not (
+            hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise TypeError(f"find_batch_size needs a map-style {name} (len() and indexing: its "
+                        f"longest items are probed), got {type(dataset).__name__}; give a "
+                        "fixed batch_size for an iterable dataset")
+
+
 def find_batch_size(model: torch.nn.Module, dataset: Sequence[Any], criterion: Any, *,
                     target_batch_size: int, val_dataset: Sequence[Any] | None = None,
                     device: str | torch.device = "auto", memory_budget: int | None = None,
@@ -433,6 +450,8 @@ def find_batch_size(model: torch.nn.Module, dataset: Sequence[Any], criterion: A
         check_int("memory_budget", memory_budget, low=1)
     check_real("headroom", headroom, low=0.0)
     val_set = dataset if val_dataset is None else val_dataset
+    _check_map_style("dataset", dataset)
+    _check_map_style("val_dataset", val_set)
     if len(dataset) == 0 or len(val_set) == 0:
         raise ValueError("find_batch_size needs a non-empty dataset and val_dataset")
     val_limit = len(val_set) if max_val_batch_size is None else check_int(

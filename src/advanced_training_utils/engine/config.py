@@ -30,9 +30,10 @@ checkpoint (see :func:`advanced_training_utils.engine.resume.check_options`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
@@ -352,10 +353,12 @@ class TrainConfig:
         """``ema_decay`` in (0, 1) or None, ``swa_start`` an epoch of the run or None;
         ``eval_ema`` needs one of them."""
         if self.ema_decay is not None:
-            check_real("ema_decay", self.ema_decay, low=0.0, high=1.0, low_inclusive=False,
-                       high_inclusive=False)
+            with _off_is_none("ema_decay"):
+                check_real("ema_decay", self.ema_decay, low=0.0, high=1.0, low_inclusive=False,
+                           high_inclusive=False)
         if self.swa_start is not None:
-            check_int("swa_start", self.swa_start, low=1)
+            with _off_is_none("swa_start"):
+                check_int("swa_start", self.swa_start, low=1)
             if self.swa_start > self.epochs:
                 raise ValueError(f"swa_start must be an epoch of the run, 1 to epochs={self.epochs}"
                                  f" (SWA averages from that epoch's end on), got {self.swa_start}")
@@ -432,7 +435,8 @@ class TrainConfig:
                              f"(inputs, targets); got augment={self.augment!r}")
         for name in ("mixup_alpha", "cutmix_alpha"):
             if getattr(self, name) is not None:
-                check_real(name, getattr(self, name), low=0.0, low_inclusive=False)
+                with _off_is_none(name):
+                    check_real(name, getattr(self, name), low=0.0, low_inclusive=False)
         check_real("label_smoothing", self.label_smoothing, low=0.0, high=1.0,
                    high_inclusive=False)
 
@@ -496,6 +500,16 @@ class TrainConfig:
 _AUGMENT_METHODS = {"audio": ("augment_audio_features", (2, 4, 8)),
                     "emotion": ("augment_emotion_embedding", (2, 3)),
                     "notes": ("augment_note_probabilities", (2, 128))}
+
+
+@contextlib.contextmanager
+def _off_is_none(name: str) -> Iterator[None]:
+    """A bad value of an option that is off by default: the message also says how to turn it
+    off (a grid or a search space writing 0 for 'off' is told the value that means it)."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{e} ({name}=None, null in YAML or --set, turns it off)") from None
 
 
 def _dry_augment(modality: str, options: dict[str, Any]) -> None:

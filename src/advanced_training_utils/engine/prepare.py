@@ -346,11 +346,17 @@ def check_mixing(mixing: BatchMixing | None, criterion: Any, model: torch.nn.Mod
 
     Raises:
         ValueError: naming the mixing options, for an output that is not ``[B, C]``, labels out
-            of range, or a criterion that refuses class probabilities.
+            of range, a criterion that refuses class probabilities, or ``label_smoothing``
+            with a ``CrossEntropyLoss`` that smooths too.
     """
     if mixing is None or not isinstance(y, torch.Tensor):
         return
     opts = _mixing_options(mixing)
+    own = getattr(criterion, "label_smoothing", 0.0)
+    if mixing.label_smoothing and isinstance(criterion, torch.nn.CrossEntropyLoss) and own:
+        raise ValueError(f"label_smoothing={mixing.label_smoothing} and CrossEntropyLoss("
+                         f"label_smoothing={own}) would smooth the targets twice: set one of "
+                         "the two")
     if y.is_floating_point():
         mixing.soft_targets(y)  # label smoothing of float targets is refused here
         return

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import checkpoint as ck
@@ -500,8 +501,11 @@ def _go_on(row: HistoryRow) -> None:
 
 
 def _stop_asked(answer: object) -> bool:
-    """``on_epoch_end``'s answer: True stops, None or False go on; anything else (a truthy
-    string, a tensor, 1) is a ``TypeError``, since guessing would stop or continue by chance."""
+    """``on_epoch_end``'s answer: True stops, None or False go on (a numpy bool is a bool);
+    anything else (a truthy string, a tensor, 1) is a ``TypeError``, since guessing would stop
+    or continue by chance."""
+    if isinstance(answer, np.bool_):
+        answer = bool(answer)
     if answer is None or answer is False:
         return False
     if answer is True:
