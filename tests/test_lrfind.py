@@ -299,7 +299,7 @@ def test_cli_writes_the_json_and_the_png(tmp_path, capsys):
 def test_cli_bad_options_exit_2_before_any_work(tmp_path, capsys, argv, message, monkeypatch):
     import advanced_training_utils.app.lrfind as app
 
-    monkeypatch.setattr(app, "_build", lambda *a: pytest.fail("built the task"))
+    monkeypatch.setattr(app, "build_run_task", lambda *a: pytest.fail("built the task"))
     out = tmp_path / "lr"
     assert main(["lr-find", "--task", "emotion", "--out", str(out), *argv]) == 2
     err = capsys.readouterr().err

@@ -550,6 +550,25 @@ def _build_task(plan: Any, name: str, seed: int, task_opts: dict[str, Any]) -> A
         raise CLIError(str(e)) from None
 
 
+def build_run_task(plan: Any, name: str, options: dict[str, Any], task_opts: dict[str, Any],
+                   checkpoint_dir: Path, resume: bool) -> tuple[Any, dict[str, Any]]:
+    """The task of a run (``advtrain train``, ``lr-find``, a tune trial) and its training
+    options, with ``batch_size='auto'`` resolved (:func:`.batchsize.apply_auto`: the loaders
+    rebatched, ``accumulation_steps`` and ``batch_size_choice`` set; on resume the recorded
+    choice)."""
+    import torch
+
+    from .batchsize import apply_auto, build_options
+
+    default_batch = _task_options(name)["batch_size"]
+    task = _build_task(plan, name, options["seed"], build_options(task_opts, default_batch))
+    try:
+        return task, apply_auto(task, options, task_opts, default_batch, checkpoint_dir, name,
+                                resume)
+    except (ValueError, torch.OutOfMemoryError) as e:  # nothing fits; another target on resume
+        raise CLIError(str(e)) from None
+
+
 def _check_out(out: Path, name: str, resume: bool) -> None:
     """Refuse a run directory that cannot hold this run: a file, or another task's run (its
     summary, report and metrics log would be replaced, and ``--resume`` would train the other
@@ -615,23 +634,16 @@ def train_run(out: Path, name: str, options: dict[str, Any], task_opts: dict[str
     Raises:
         CLIError: ``out`` holds another task's run, or a data error.
     """
-    import torch
 
     from ..engine.distributed import env_world_size
     from ..engine.run import resolve_device, train_model_advanced
     from ..safeio import atomic_write
-    from .batchsize import apply_auto, build_options
     from .report.samples import save_train_samples
 
     ckpt_dir = out / "checkpoints"
     _check_out(out, name, resume)
     t0 = time.perf_counter()
-    default_batch = _task_options(name)["batch_size"]
-    task = _build_task(plan, name, options["seed"], build_options(task_opts, default_batch))
-    try:
-        options = apply_auto(task, options, task_opts, default_batch, ckpt_dir, name, resume)
-    except (ValueError, torch.OutOfMemoryError) as e:  # nothing fits; another target on resume
-        raise CLIError(str(e)) from None
+    task, options = build_run_task(plan, name, options, task_opts, ckpt_dir, resume)
     data_seconds = time.perf_counter() - t0
     log.info("task %s: %s (data ready in %.1fs)", name, _brief(task.info), data_seconds)
     out.mkdir(parents=True, exist_ok=True)

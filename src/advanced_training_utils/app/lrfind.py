@@ -32,10 +32,10 @@ from ..engine.lrfind import LRFindResult, LRFindSettings, find_lr
 from .cli import (
     _CSV_FLAGS,
     CLIError,
-    _build,
     _HelpFormatter,
     _out_dir,
-    _task_options,
+    audio_plan,
+    build_run_task,
     resolve_options,
     task_name,
 )
@@ -116,7 +116,8 @@ def main(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
     name = task_name(args)
-    task, options = _build_with_batch(args, name, options, task_opts, out)
+    task, options = build_run_task(audio_plan(args), name, options, task_opts,
+                                   out / "checkpoints", resume=False)
     t0 = time.perf_counter()
     res = find_lr(task.model, task.train_loader, task.val_loader, task.criterion,
                   min_lr=settings.min_lr, max_lr=settings.max_lr, num_steps=settings.num_steps,
@@ -130,23 +131,6 @@ def main(args: argparse.Namespace) -> int:
     print(_headline(res))
     print(f"wrote {out / 'lr_find.json'} and {png}")
     return 0
-
-
-def _build_with_batch(args: argparse.Namespace, name: str, options: dict[str, Any],
-                      task_opts: dict[str, Any], out: Path) -> tuple[Any, dict[str, Any]]:
-    """The task, and the options with ``batch_size='auto'`` resolved as ``advtrain train``
-    does (the sweep's steps are the run's: its micro-batch and accumulation)."""
-    import torch
-
-    from .batchsize import apply_auto, build_options
-
-    default_batch = _task_options(name)["batch_size"]
-    task = _build(args, name, options["seed"], build_options(task_opts, default_batch))
-    try:
-        return task, apply_auto(task, options, task_opts, default_batch, out / "checkpoints",
-                                name, resume=False)
-    except (ValueError, torch.OutOfMemoryError) as e:  # nothing fits
-        raise CLIError(str(e)) from None
 
 
 def _plain(v: Any) -> bool:

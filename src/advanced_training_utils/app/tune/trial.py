@@ -80,41 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _build_task(args: argparse.Namespace, name: str, seed: int, task_opts: dict[str, Any]
-                ) -> Any:
-    from ..cli import audio_plan
-    from ..tasks import build_task
-    from ..usertask import AUDIO_TASK, build_audio_task
-
-    if name == AUDIO_TASK:
-        return build_audio_task(audio_plan(args), seed, task_opts)
-    return build_task(name, seed, task_opts)
-
-
-def _task_and_batch(args: argparse.Namespace, name: str, options: dict[str, Any],
-                    task_opts: dict[str, Any], out: Path) -> tuple[Any, dict[str, Any]]:
-    """The task, and the options with ``batch_size='auto'`` resolved as ``advtrain train``
-    does (:func:`~..batchsize.apply_auto`; a trial always starts fresh)."""
-    import torch
-
-    from ..batchsize import apply_auto, build_options
-    from ..cli import CLIError, _task_options
-
-    default_batch = _task_options(name)["batch_size"]
-    task = _build_task(args, name, options["seed"], build_options(task_opts, default_batch))
-    try:
-        return task, apply_auto(task, options, task_opts, default_batch, out / "checkpoints",
-                                name, resume=False)
-    except (ValueError, torch.OutOfMemoryError) as e:  # nothing fits
-        raise CLIError(str(e)) from None
-
-
 def run_trial(own: argparse.Namespace, train_argv: list[str]) -> tuple[dict[str, Any], Path]:
     """Train the trial's command with the pruning reporter; return its outcome and folder."""
     import optuna
 
     from ...engine.run import train_model_advanced
-    from ..cli import build_parser, resolve_options, task_name
+    from ..cli import audio_plan, build_parser, build_run_task, resolve_options, task_name
 
     args = build_parser().parse_args(train_argv)
     options, task_opts = resolve_options(args)
@@ -125,7 +96,8 @@ def run_trial(own: argparse.Namespace, train_argv: list[str]) -> tuple[dict[str,
     trial = optuna.trial.Trial(study, own.trial_id)
     reporter = PruningReporter(trial, monitor, own.parent_pid)
     out: Path = args.out
-    task, options = _task_and_batch(args, name, options, task_opts, out)
+    task, options = build_run_task(audio_plan(args), name, options, task_opts,
+                                   out / "checkpoints", resume=False)
     out.mkdir(parents=True, exist_ok=True)
     res = train_model_advanced(task.model, task.train_loader, task.val_loader, task.criterion,
                                checkpoint_dir=out / "checkpoints", model_name=name,
