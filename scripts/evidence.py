@@ -200,7 +200,7 @@ def run_studies(names: list[str], scale: Scale, scratch: Path) -> dict[str, Stud
                  for c, k, _ in plan[st.name]]
         sr = StudyResult(st.name, st.title, st.task, st.what, epochs, cells,
                          skipped=skipped[st.name])
-        sr.target = _target(sr)
+        sr.target = _target(sr) if st.with_target else None
         sr.failed = [f for f in failed if any(f.startswith(k + " ") for _, k, _ in plan[st.name])]
         if "observed_clip" in ctx and st.phases >= 2:
             sr.notes.append(f"observed threshold: {ctx['observed_clip']:g} (the median "
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = "evidence-quick" if args.quick else "evidence"
     scratch = args.scratch or ROOT / "runs" / stem
     names = args.study or list(STUDIES)
-    meta = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    meta = {"scratch": _rel(scratch), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load_before": _load(), "scale": dataclasses.asdict(scale),
             "command": "python scripts/evidence.py" + "".join(f" --study {n}" for n in args.study or [])
             + (" --quick" if args.quick else "")}
@@ -256,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     (scratch / "evidence_meta.json").write_text(json.dumps(meta, indent=2, default=str))
     log.info("evidence: wrote %s and %d plots in %.0f s", md, len(plots), meta["wall_seconds"])
     return 1 if any(sr.failed for sr in results.values()) else 0
+
+
+def _rel(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _load() -> float | None:

@@ -88,7 +88,7 @@ def verdict_value(a: Interval, value: float, better: str) -> str:
     return HELD if a.low >= value else DID_NOT_HOLD if a.high < value else NOT_SHOWN
 
 
-def fmt_iv(iv: Interval, digits: int = 3) -> str:
+def fmt_iv(iv: Interval, digits: int = 4) -> str:
     """``mean [low, high]`` (``mean (1 run)`` for one value, ``n/a`` for none)."""
     if iv.n == 0 or not math.isfinite(iv.mean):
         return "n/a"

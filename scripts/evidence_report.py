@@ -24,7 +24,7 @@ BASES = {"schedulers": "plateau", "presets": "stable",
          "ema": "no EMA", "notes": "plateau, noise (stable)"}
 
 
-def _cell(iv: Interval, digits: int = 3) -> str:
+def _cell(iv: Interval, digits: int = 4) -> str:
     if iv.n == 0 or not math.isfinite(iv.mean):
         return "n/a"
     if iv.n == 1:
@@ -140,8 +140,8 @@ def _header(meta: dict[str, Any]) -> list[str]:
         "original keys, several timbres, reverb and noise; split by melody).",
         "",
         "Each cell is the `stable` preset with the options the cell names (the stable preset "
-        "is what `make demo` trains), run by `advtrain compare`'s machinery into "
-        "`runs/evidence/` (resumable; equal options share runs). Values: mean ± standard "
+        f"is what `make demo` trains), run by `advtrain compare`'s machinery into "
+        f"`{meta['scratch']}/` (resumable; equal options share runs). Values: mean ± standard "
         "deviation [95% Student-t interval of the mean] over the seeds; held-out = the test "
         "split of melodies never trained on; the kept epoch is the one of the best val_loss. "
         "Times are training seconds per epoch with two runs sharing the two cores.",

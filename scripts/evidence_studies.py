@@ -66,6 +66,7 @@ class Study:
     cells: Callable[[Scale, dict[str, Any]], list[Cell]]
     phases: int = 1
     needs: dict[str, str] = field(default_factory=dict)  # option -> the feature's name
+    with_target: bool = False  # report epochs to a target (see scripts/evidence.py)
 
 
 def _schedulers(scale: Scale, ctx: dict[str, Any]) -> list[Cell]:
@@ -112,7 +113,8 @@ AUG_POLICIES: dict[str, dict[str, Any]] = {
 
 def _augmentation(scale: Scale, ctx: dict[str, Any]) -> list[Cell]:
     """Each augmentation policy at each training fraction."""
-    return [Cell(f"{name} @{frac:.0%}", {**opts, "train_fraction": frac})
+    return [Cell(f"{name} @{frac:.0%}", {**opts, **({} if frac == 1.0 else
+                                                    {"train_fraction": frac})})
             for frac in scale.fractions for name, opts in AUG_POLICIES.items()]
 
 
@@ -167,7 +169,7 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
     Study("schedulers", "Schedulers, with and without warmup", "emotion",
           "constant LR and each scheduler at the same epoch budget; warmup is one epoch (for "
           "onecycle, one epoch of batches sets the length of its rise); step halves the LR "
-          "every third of the budget; the rest take their defaults.", _schedulers),
+          "every third of the budget; the rest take their defaults.", _schedulers, with_target=True),
     Study("presets", "Presets", "emotion",
           "the three presets as `advtrain train --preset` gives them, and stable with mixed "
           "precision (on this CPU: bfloat16 autocast; the GPU figures are measured apart).",
@@ -188,7 +190,8 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
           needs={"ema_decay": "EMA"}),
     Study("notes", "Notes task: schedulers and augmentation", "notes",
           "emotion embedding -> note probabilities; held-out BCE (lower is better); "
-          "augmentation is noise on the embeddings (0.05 by default).", _notes),
+          "augmentation is noise on the embeddings (0.05 by default).", _notes,
+          with_target=True),
 ]}
 
 
