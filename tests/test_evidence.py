@@ -45,6 +45,9 @@ def test_best_and_ratio_rules():
     assert claims.verdict_value(ratio, 0.5, "lower") == claims.HELD        # >= 2x faster
     assert claims.verdict_value(HI, 0.5, "lower") == claims.DID_NOT_HOLD   # 0.8x: not 2x
     assert claims.verdict_value(MID, 0.5, "lower") == claims.NOT_SHOWN
+    straddle = mean_interval([0.40, 0.45, 0.50])                           # [0.33, 0.57]
+    assert claims.verdict_value(straddle, 0.5, "lower") == claims.NOT_SHOWN  # mean 0.45 < 0.5
+    assert claims.verdict_value(straddle, 0.3, "higher") == claims.HELD
     with pytest.raises(ValueError, match="better must be 'higher' or 'lower', got 'up'"):
         claims.verdict(HI, LO, "up")
 
