@@ -11,6 +11,11 @@ Usage::
 
     python scripts/demo_figures.py runs/demo                         # print the rows of a run
     python scripts/demo_figures.py --run runs/demo --readme README.md # run the demo, then rewrite
+    python scripts/demo_figures.py --lr-find docs/lr-find.png        # the README's LR finder
+
+``--lr-find PNG`` runs ``advtrain lr-find --task emotion --preset stable --out runs/lr_find``
+(the defaults: 3 sweeps of 100 steps from 1e-7 to 10), copies its ``lr_find.png`` to PNG and
+prints the suggestion and its spread from ``lr_find.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +37,7 @@ from benchmarks.machine import cpu_model  # noqa: E402
 START = "<!-- demo-figures: written by `make figures` (scripts/demo_figures.py); do not edit -->"
 END = "<!-- /demo-figures -->"
 TIMING = "demo_timing.json"
+LR_FIND_DIR = Path("runs/lr_find")
 
 
 def demo_commands(run_dir: Path) -> list[list[str]]:
@@ -151,13 +158,31 @@ def rewrite_readme(readme: Path, text: str) -> None:
     readme.write_text(old[:i] + text + old[j + len(END):])
 
 
+def lr_find_figure(png: Path, out: Path = LR_FIND_DIR) -> dict[str, Any]:
+    """Run ``advtrain lr-find`` on the built-in task into ``out``, copy its plot to ``png``;
+    return the figures of ``lr_find.json`` (suggestion, spread, each sweep's, wall time)."""
+    cmd = [sys.executable, "-m", "advanced_training_utils", "lr-find", "--task", "emotion",
+           "--preset", "stable", "--out", str(out)]
+    subprocess.run(cmd, check=True)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "lr_find.png", png)
+    d = json.loads((out / "lr_find.json").read_text())
+    keys = ("suggestion", "spread", "spread_ratio", "suggestions", "stopped", "seconds", "settings")
+    return {"command": " ".join(cmd[1:]), "png": str(png), **{k: d[k] for k in keys}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path, nargs="?", default=Path("runs/demo"))
     ap.add_argument("--run", action="store_true",
                     help="first run make demo's two commands into RUN_DIR (empty data cache)")
     ap.add_argument("--readme", type=Path, help="rewrite this README's demo-figures block")
+    ap.add_argument("--lr-find", type=Path, metavar="PNG",
+                    help="only run advtrain lr-find on the built-in task; copy its plot to PNG")
     args = ap.parse_args(argv)
+    if args.lr_find is not None:
+        print(json.dumps(lr_find_figure(args.lr_find), indent=2))
+        return 0
     if args.run:
         run_demo(args.run_dir)
     text = block(figures(args.run_dir))

@@ -1,7 +1,7 @@
 """A small training run for the crash tests: kill it anywhere, resume it, compare weights.
 
     python tests/crash_worker.py OUT_DIR [--epochs 3] [--every 1] [--sleep 0] [--kill-at-io N]
-                                 [--slow-write 0] [--sigterm-at N]
+                                 [--slow-write 0] [--sigterm-at N] [--mixup]
 
 Trains an MLP with dropout on a shuffled synthetic dataset with seeded augmentation, plateau
 scheduling and per-step checkpoints (``resume=True`` always: the first start finds nothing), and
@@ -12,7 +12,9 @@ Nth file operation in OUT_DIR (open for writing, write, fsync, link, rename, unl
 tests/faults.py), so kills land inside checkpoint writes and rotations too. ``--slow-write S``:
 each write to a temporary file takes S seconds more (a signal then lands during a write).
 ``--sigterm-at N``: send SIGTERM to itself during the Nth criterion call, so the signal arrives
-at a known step (the run must finish that step, checkpoint there and exit 143).
+at a known step (the run must finish that step, checkpoint there and exit 143). ``--mixup``:
+mixup, time-segment mixing and label smoothing on (mixup_alpha=0.4, cutmix_alpha=1.0,
+label_smoothing=0.1).
 """
 
 import argparse
@@ -36,6 +38,7 @@ def main() -> int:
     ap.add_argument("--kill-at-io", type=int, default=0)
     ap.add_argument("--slow-write", type=float, default=0.0)
     ap.add_argument("--sigterm-at", type=int, default=0)
+    ap.add_argument("--mixup", action="store_true")
     args = ap.parse_args()
     if args.kill_at_io or args.slow_write:
         from faults import OPS, FileFaults
@@ -74,7 +77,9 @@ def main() -> int:
                          resume=True, checkpoint_every_n_steps=args.every or None, verbose=False,
                          use_augmentation=True, augment="emotion",
                          augment_options={"noise_level": 0.05}, scheduler_type="plateau",
-                         plateau_patience=1, restore_best_weights=False)
+                         plateau_patience=1, restore_best_weights=False,
+                         **(dict(mixup_alpha=0.4, cutmix_alpha=1.0, label_smoothing=0.1)
+                            if args.mixup else {}))
     torch.save(model.state_dict(), args.out / "final.pt")
     print("done", flush=True)
     return 0

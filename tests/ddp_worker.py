@@ -183,6 +183,7 @@ def cases(out, rank):
                          checkpoint_dir=out / "ck_compiled", **CASE_OPTS)
     torch.save(m.state_dict(), out / f"compiled_rank{rank}.pt")
     res.update(metric_cases(out, rank, train))
+    res["callback"] = callback_cases(rank, train)
     (out / f"cases_rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
     return 0
@@ -195,6 +196,23 @@ def regression_data(n, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 12, generator=g)
     return torch.utils.data.TensorDataset(x, torch.tanh(x[:, :2]) + 0.3 * torch.randn(n, 2, generator=g))
+
+
+def callback_cases(rank, train):
+    """on_epoch_end answering differently per rank: rank 0's answer holds on every rank."""
+    res = {}
+    for case, stop_rank in (("rank1_asks", 1), ("rank0_asks", 0)):
+        rows = []
+
+        def ask(row, stop_rank=stop_rank, rows=rows):
+            rows.append(row["val_loss"])
+            return rank == stop_rank and row["epoch"] == 1
+
+        h = train_model_advanced(model(), train, DataLoader(data(64, 1), batch_size=16),
+                                 torch.nn.CrossEntropyLoss(), on_epoch_end=ask, **CASE_OPTS)
+        res[case] = {"epochs_run": h["epochs_run"], "stopped": h["stopped_by_callback"],
+                     "rows": rows}
+    return res
 
 
 def metric_cases(out, rank, train):

@@ -414,3 +414,17 @@ def test_shard_keeps_plain_loaders_on_distributed_sampler_and_wraps_the_others(t
     assert isinstance(b, ShardedSampler) and b.inner is custom and b.batches
     v = ctx.shard(DataLoader(ds, batch_size=4), 3, train=False).sampler
     assert isinstance(v, ShardedSampler) and not v.even and len(v) == 5
+
+
+def test_the_epoch_callback_takes_rank_0s_answer_on_every_rank(cases_run):
+    _, ranks = cases_run
+    r0, r1 = ranks[0]["callback"], ranks[1]["callback"]
+    epochs = ddp_worker.CASE_OPTS["epochs"]
+    # rank 1 alone asks to stop after epoch 1: rank 0's answer (go on) holds on both
+    assert [r["rank1_asks"]["epochs_run"] for r in (r0, r1)] == [epochs, epochs]
+    assert [r["rank1_asks"]["stopped"] for r in (r0, r1)] == [False, False]
+    # rank 0 alone asks: both stop after epoch 1, each having been called once
+    assert [r["rank0_asks"]["epochs_run"] for r in (r0, r1)] == [1, 1]
+    assert [r["rank0_asks"]["stopped"] for r in (r0, r1)] == [True, True]
+    assert r0["rank0_asks"]["rows"] == r1["rank0_asks"]["rows"]  # the same numbers on each rank
+    assert r0["rank1_asks"]["rows"] == r1["rank1_asks"]["rows"]

@@ -42,8 +42,9 @@ def test_no_early_stopping_never_stops_and_identity_is_the_batch_itself():
     early = NoEarlyStopping()
     assert [early.step(v) for v in (1.0, 2.0, 3.0, float("nan"))] == [False] * 4
     assert not early.should_stop and early.state_dict() is None
-    x = torch.randn(3)
-    assert identity(x) is x
+    x, y = torch.randn(3), torch.tensor([1, 0, 2])
+    out = identity(x, y)
+    assert out[0] is x and out[1] is y
 
 
 def test_switched_off_features_are_no_ops_in_the_parts_and_the_table():
@@ -52,6 +53,7 @@ def test_switched_off_features_are_no_ops_in_the_parts_and_the_table():
     assert isinstance(p.early, NoEarlyStopping) and p.table[ck.EARLY_STOPPING_KEY] is p.early
     assert p.steps.augment is identity
     assert isinstance(p.table[ck.AUGMENTATION_KEY], NoState)
+    assert isinstance(p.table[ck.MIXING_KEY], NoState)
 
 
 def test_switched_on_features_are_the_real_objects():
@@ -67,7 +69,7 @@ def test_the_table_lists_every_part_once_with_the_monitor_last():
     p = _parts()
     assert list(p.table) == [
         ck.MODEL_KEY, ck.OPTIMIZER_KEY, ck.SCHEDULER_KEY, ck.PRECISION_KEY, ck.CLIPPER_KEY,
-        ck.EARLY_STOPPING_KEY, ck.AUGMENTATION_KEY, PROGRESS, ck.EPOCH_ORDER_KEY,
+        ck.EARLY_STOPPING_KEY, ck.AUGMENTATION_KEY, ck.MIXING_KEY, PROGRESS, ck.EPOCH_ORDER_KEY,
         ck.CONFIG_KEY, ck.OPTIMIZER_SPEC_KEY, ck.CLASS_WEIGHTS_KEY, ck.RECOVERY_KEY]
     assert p.table[ck.MODEL_KEY] is p.model and p.table[ck.RECOVERY_KEY] is p.monitor
     assert p.table[PROGRESS] is p.progress and p.table[ck.OPTIMIZER_KEY] is p.optimizer

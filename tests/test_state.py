@@ -190,9 +190,10 @@ def test_a_run_checkpoint_holds_exactly_the_tables_keys(tmp_path):
     state = ck.load_checkpoint(tmp_path / "m_last.pt")
     assert set(state) == {
         ck.MODEL_KEY, ck.OPTIMIZER_KEY, ck.SCHEDULER_KEY, ck.PRECISION_KEY, ck.CLIPPER_KEY,
-        ck.EARLY_STOPPING_KEY, ck.AUGMENTATION_KEY, ck.HISTORY_KEY, ck.EPOCH_KEY, ck.STEP_KEY,
-        ck.BEST_KEY, ck.GLOBAL_STEP_KEY, ck.CHECK_FROM_KEY, ck.EPOCH_ORDER_KEY, ck.CONFIG_KEY,
-        ck.OPTIMIZER_SPEC_KEY, ck.RECOVERY_KEY, ck.RANKS_KEY, ck.FORMAT_KEY, ck.CHECKSUM_KEY,
+        ck.EARLY_STOPPING_KEY, ck.AUGMENTATION_KEY, ck.MIXING_KEY, ck.HISTORY_KEY, ck.EPOCH_KEY,
+        ck.STEP_KEY, ck.BEST_KEY, ck.GLOBAL_STEP_KEY, ck.CHECK_FROM_KEY, ck.EPOCH_ORDER_KEY,
+        ck.CONFIG_KEY, ck.OPTIMIZER_SPEC_KEY, ck.RECOVERY_KEY, ck.RANKS_KEY, ck.FORMAT_KEY,
+        ck.CHECKSUM_KEY,
         ck.CLASS_WEIGHTS_KEY}
     assert state[ck.FORMAT_KEY] == 1
     assert list(state[ck.RANKS_KEY][0]) == [ck.RNG_KEY, ck.EPOCH_SUMS_KEY, ck.GUARD_KEY,

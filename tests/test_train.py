@@ -355,6 +355,8 @@ def _count_package_conversions(monkeypatch, run, only_in_steps=True, phase="trai
     dict(use_mixed_precision=True, amp_dtype="float16"),
     dict(use_mixed_precision=True, amp_dtype="bfloat16", use_augmentation=True,
          augment="emotion", check_stability=True, metrics="accuracy", spike_factor=5.0),
+    dict(mixup_alpha=0.4, cutmix_alpha=1.0, label_smoothing=0.1, use_augmentation=True,
+         augment="emotion"),
 ])
 def test_no_host_conversions_in_training_steps(monkeypatch, tmp_path, extra):
     """Zero conversions by our package in every training step (all features on, checkpoints

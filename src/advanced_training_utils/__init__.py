@@ -19,10 +19,13 @@ from .augmentation import SPECAUGMENT_POLICIES, DataAugmentation
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clipping import GradientClipper
 from .early_stopping import EarlyStopping
+from .engine.batchfind import BatchSizeResult, find_batch_size
 from .engine.config import TrainConfig
+from .engine.lrfind import LRFindResult, find_lr
 from .engine.options import TrainOptions
 from .engine.presets import PRESETS, get_preset
 from .engine.run import train_model_advanced
+from .mixing import BatchMixing
 from .precision import MixedPrecisionTrainer
 from .scheduler import SCHEDULER_TYPES, LearningRateScheduler
 from .stability import TrainingStability
@@ -37,18 +40,23 @@ __all__ = [
     "AudioDataset",
     "AudioFolderDataset",
     "AudioSplits",
+    "BatchMixing",
+    "BatchSizeResult",
     "CheckpointError",
     "CsvAudioDataset",
     "DataAugmentation",
     "EarlyStopping",
     "EpochSampler",
     "GradientClipper",
+    "LRFindResult",
     "LearningRateScheduler",
     "LogMel",
     "MixedPrecisionTrainer",
     "TrainConfig",
     "TrainOptions",
     "TrainingStability",
+    "find_batch_size",
+    "find_lr",
     "get_preset",
     "load_audio_splits",
     "load_checkpoint",

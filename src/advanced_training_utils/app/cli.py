@@ -7,6 +7,8 @@
                    [--group-column speaker] [--path-column path] --out DIR [options as above]
     advtrain train --data path/folder/ --out DIR [options as above]
     advtrain report DIR [--model-name NAME]
+    advtrain tune (--task T | --data D) --space SPACE.yaml --trials N --out DIR [...] (app/tune)
+    advtrain lr-find (--task T | --data D) --out DIR [--repeats R] [options as above]
     advtrain presets
     advtrain --version
 
@@ -28,7 +30,11 @@ class. Its summary.json holds the held-out test metrics as ``"test": {"uar", "ma
 and under ``"data"`` the split sizes, the training length (``crop_seconds``, ``crop_frames``),
 the normalisation, the feature parameters and the skipped files with their problem. Its task
 options (``--set``): batch_size, n_mels, features (speech / chorale), crop_seconds,
-normalization, eval_crop, on_error.
+normalization, eval_crop, on_error, memory_budget.
+
+``--set batch_size=auto`` (every task) lets the batch-size finder pick the largest micro-batch
+that fits and keep the task's effective batch through accumulation_steps; off CUDA it needs
+``--set memory_budget=2GiB`` (see :mod:`.batchsize`). ``--resume`` reuses the recorded choice.
 
 Every option is checked before any data is rendered or loaded: a bad value, an unknown key or
 invalid YAML exits with code 2 and one line, ``advtrain: error: ...``, naming the option. A config
@@ -65,7 +71,8 @@ __all__ = ["main", "build_parser", "resolve_options", "write_report"]
 log = logging.getLogger("advanced_training_utils.app.cli")
 
 # Options the CLI sets itself from the run directory; not settable by --set or a config file.
-_RESERVED = {"checkpoint_dir", "model_name", "metrics_file", "resume", "optimizer", "augment"}
+_RESERVED = {"checkpoint_dir", "model_name", "metrics_file", "resume", "optimizer", "augment",
+             "on_epoch_end", "batch_size_choice"}  # batch_size_choice: --set batch_size=auto
 
 #: The seed when neither --seed, --set seed= nor the config file gives one.
 DEFAULT_SEED = 0
@@ -194,9 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model-name", default=None,
                    help="which NAME_metrics.jsonl to read when the directory holds several "
                    "(default: the only one)")
+    from . import lrfind
+
+    lrfind.add_parser(sub)
     sub.add_parser("presets", help="list the presets and their options",
                    description="List the presets and their options.",
                    epilog=_PRESETS_EPILOG, formatter_class=_HelpFormatter)
+    from . import tune
+
+    tune.add_parser(sub)
     return p
 
 
@@ -348,7 +361,7 @@ def _check_task_options(task: str, options: dict[str, Any]) -> None:
     try:
         if task == AUDIO_TASK:
             check_audio_options(options)
-        if "batch_size" in options:
+        if "batch_size" in options and options["batch_size"] != "auto":
             check_int("batch_size", options["batch_size"], low=1)
         if options.get("per_piece") is not None:
             check_int("per_piece", options["per_piece"], low=1)
@@ -397,7 +410,20 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None
     _check_class_weights(task, plan, merged)
+    _check_batch_options(task, task_opts, merged, args)
     return merged, task_opts
+
+
+def _check_batch_options(task: str, task_opts: dict[str, Any], options: dict[str, Any],
+                         args: argparse.Namespace) -> None:
+    """``batch_size='auto'`` and ``memory_budget`` (:mod:`.batchsize`), before any work."""
+    from .batchsize import check_batch_options
+
+    try:
+        check_batch_options(task_opts, options.get("device", "auto"),
+                            getattr(args, "nproc_per_node", 1))  # lr-find, tune: one process
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"{e} (task {task!r})") from None
 
 
 def _check_class_weights(task: str, plan: Any, options: dict[str, Any]) -> None:
@@ -519,8 +545,11 @@ def _out_dir(text: str) -> Path:
 
 
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+
     from ..engine.distributed import env_world_size
     from ..engine.run import resolve_device, train_model_advanced
+    from .batchsize import apply_auto, build_options
     from .report.samples import save_train_samples
 
     if args.nproc_per_node < 1:
@@ -534,7 +563,13 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     ckpt_dir = out / "checkpoints"
     _check_out(out, name, bool(args.resume))
     t0 = time.perf_counter()
-    task = _build(args, name, options["seed"], task_opts)
+    default_batch = _task_options(name)["batch_size"]
+    task = _build(args, name, options["seed"], build_options(task_opts, default_batch))
+    try:
+        options = apply_auto(task, options, task_opts, default_batch, ckpt_dir, name,
+                             bool(args.resume))
+    except (ValueError, torch.OutOfMemoryError) as e:  # nothing fits; another target on resume
+        raise CLIError(str(e)) from None
     data_seconds = time.perf_counter() - t0
     log.info("task %s: %s (data ready in %.1fs)", name, _brief(task.info), data_seconds)
     out.mkdir(parents=True, exist_ok=True)
@@ -734,6 +769,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args, argv)
+        if args.command == "tune":
+            from . import tune
+
+            return tune.main(args)
+        if args.command == "lr-find":
+            from . import lrfind
+
+            return lrfind.main(args)
         if args.command == "report":
             if not args.run_dir.is_dir():
                 raise CLIError(f"no such run directory: {args.run_dir}")

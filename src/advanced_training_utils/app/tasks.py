@@ -17,9 +17,10 @@ from .models import EmotionRecognizer, NoteGenerator
 __all__ = ["TASKS", "TASK_OPTIONS", "Task", "build_task"]
 
 #: Options of the task itself (not of train_model_advanced), with their defaults.
+#: ``batch_size: auto`` and ``memory_budget``: see :mod:`.batchsize`.
 TASK_OPTIONS: dict[str, dict[str, Any]] = {
-    "emotion": {"batch_size": 32, "per_piece": 5},
-    "notes": {"batch_size": 64},
+    "emotion": {"batch_size": 32, "per_piece": 5, "memory_budget": None},
+    "notes": {"batch_size": 64, "memory_budget": None},
 }
 
 #: Training defaults per task (a preset, a config file and --set override them). ``augment``

@@ -62,6 +62,7 @@ AUDIO_OPTIONS: dict[str, Any] = {
     "normalization": "utterance",
     "eval_crop": "center",
     "on_error": "skip",
+    "memory_budget": None,      # bytes or '2GiB': for batch_size='auto' off CUDA (.batchsize)
 }
 
 #: Training defaults (a preset, a config file and --set override them); ``metrics: accuracy``
@@ -153,7 +154,8 @@ def check_audio_options(options: dict[str, Any]) -> dict[str, Any]:
         TypeError, ValueError: naming the option, the value and what is allowed.
     """
     opts = {**AUDIO_OPTIONS, **options}
-    check_int("batch_size", opts["batch_size"], low=1)
+    if opts["batch_size"] != "auto":  # the batch-size finder's (.batchsize)
+        check_int("batch_size", opts["batch_size"], low=1)
     check_int("n_mels", opts["n_mels"], low=16)
     check_choice("features", opts["features"], FEATURES)
     if opts["crop_seconds"] is not None:

@@ -47,6 +47,7 @@ from .options import (
     AugmentModality,
     ClassWeightsMode,
     Device,
+    EpochCallback,
     Metrics,
     Mode,
     OptimizerSpec,
@@ -95,6 +96,8 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
                   "since the optimizer's state is restored"),
     "weight_decay": (FIXED, "restored with the optimizer's param groups"),
     "accumulation_steps": (FIXED, "the position in the epoch and the schedule count in steps"),
+    "batch_size_choice": (FIXED, "the micro-batch and accumulation the run's steps are counted "
+                          "in; a resume reuses the recorded choice (batchfind.recorded_choice)"),
     "seed": (FIXED, "the data order and augmentation streams were drawn from it"),
     **_same(FIXED, _SCHEDULE, "use_scheduler", "scheduler_type", "plateau_patience", "factor",
             "T_max", "gamma", "step_size", "min_lr", "max_lr", "pct_start", "warmup_steps"),
@@ -105,6 +108,9 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
             "use_augmentation", "augment", "augment_options"),
     **_same(APPLIES, "the model's forward is compiled or not from the resumed step; it does "
             "not change the math (compiled.py)", "compile", "compile_options"),
+    "augment_targets": (FIXED, "how the augment callable is called"),
+    **_same(FIXED, "the training targets (the loss each step minimises) and the mixing's random "
+            "stream, which is restored", "mixup_alpha", "cutmix_alpha", "label_smoothing"),
     "class_weights": (FIXED, "the loss each step minimises; the saved weights are restored"),
     "sampler": (FIXED, "the data each epoch draws, and the recorded order and generators"),
     "early_stop_patience": (APPLIES, "early stopping keeps its count of bad epochs and stops "
@@ -117,6 +123,8 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     "monitor": (FIXED, "the best value so far and early stopping's and the plateau "
                 "scheduler's saved bests are values of the monitored key"),
     "mode": (FIXED, "the saved bests were judged in the saved mode"),
+    "on_epoch_end": (APPLIES, "a callable: never saved (the checkpoint's options hold its name "
+                     "only); this run's callback is called from the next epoch"),
     "checkpoint_every_n_steps": (APPLIES, "step checkpoints from now on"),
     "keep_last": (APPLIES, "rotation from the next checkpoint"),
     "handle_signals": (APPLIES, "signal handling for this process"),
@@ -157,6 +165,8 @@ class TrainConfig:
     optimizer: OptimizerSpec = None
     weight_decay: float = 0.01
     accumulation_steps: int = 1
+    # the batch-size finder's choice (batchfind.BatchSizeResult.record()), recorded for resume
+    batch_size_choice: dict[str, Any] | None = None
     seed: int | None = None
     # scheduler
     use_scheduler: bool = True
@@ -183,6 +193,11 @@ class TrainConfig:
     # torch.compile of the model's forward (engine/compiled.py); options: torch.compile's kwargs
     compile: bool = False
     compile_options: dict[str, Any] = field(default_factory=dict)
+    augment_targets: bool = False  # True: a callable augment takes and returns (inputs, targets)
+    # augmentation that sees the labels (mixing.py): soft targets; on their own switches
+    mixup_alpha: float | None = None
+    cutmix_alpha: float | None = None  # time-segment mixing along the last (time) axis
+    label_smoothing: float = 0.0
     # class imbalance (engine/balance.py)
     class_weights: ClassWeightsMode | None = None  # 'balanced': n / (n_classes * count_c)
     sampler: SamplerMode | None = None             # 'balanced': each class drawn equally often
@@ -197,6 +212,8 @@ class TrainConfig:
     # best epoch and drives early stopping and the plateau scheduler; 'max': higher is better
     monitor: str = "val_loss"
     mode: Mode = "min"
+    # the one extension point: called with each epoch's history row; True stops the run
+    on_epoch_end: EpochCallback | None = None
     # crash safety and recovery
     checkpoint_every_n_steps: int | None = None
     keep_last: int = 2
@@ -264,6 +281,7 @@ class TrainConfig:
                             f"parameters, got {type(self.optimizer).__name__}")
         check_real("weight_decay", self.weight_decay, low=0.0)
         check_int("accumulation_steps", self.accumulation_steps, low=1)
+        self._check_batch_size_choice()
         if self.seed is not None:
             check_int("seed", self.seed, low=0)
         for name in ("use_scheduler", "use_mixed_precision", "use_augmentation",
@@ -284,6 +302,7 @@ class TrainConfig:
             check_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
         if self.augment is not None and not callable(self.augment):
             check_choice("augment", self.augment, AUGMENT_MODALITIES)
+        self._check_mixing()
         if self.class_weights is not None:
             check_choice("class_weights", self.class_weights, CLASS_WEIGHT_MODES)
         if self.sampler is not None:
@@ -292,6 +311,9 @@ class TrainConfig:
             check_int("early_stop_patience", self.early_stop_patience, low=1)
         check_real("min_delta", self.min_delta, low=0.0)
         check_int("stability_every", self.stability_every, low=1)
+        if self.on_epoch_end is not None and not callable(self.on_epoch_end):
+            raise TypeError("on_epoch_end must be a callable taking the epoch's history row "
+                            f"(returning True to stop) or None, got {self.on_epoch_end!r}")
         if self.metrics_file is not None and not isinstance(self.metrics_file, (str, Path)):
             raise TypeError(f"metrics_file must be a path or None, got {self.metrics_file!r}")
         if self.checkpoint_every_n_steps is not None:
@@ -315,6 +337,28 @@ class TrainConfig:
         self._check_monitor(self._check_metrics())
         self._check_augment_options()
         check_compile_options(self.compile, self.compile_options)
+
+    def _check_batch_size_choice(self) -> None:
+        """``batch_size_choice``: None, or a finder's record whose micro-batch times
+        accumulation is its target and whose accumulation is ``accumulation_steps``."""
+        choice = self.batch_size_choice
+        if choice is None:
+            return
+        keys = ("micro_batch_size", "accumulation_steps", "target_batch_size")
+        if not isinstance(choice, dict) or any(k not in choice for k in keys):
+            raise TypeError(f"batch_size_choice must be None or a dict with {', '.join(keys)} "
+                            f"(BatchSizeResult.record()), got {choice!r}")
+        micro, accum, target = (check_int(f"batch_size_choice[{k!r}]", choice[k], low=1)
+                                for k in keys)
+        if micro * accum != target:
+            raise ValueError(f"batch_size_choice={choice!r}: micro_batch_size x "
+                             f"accumulation_steps = {micro * accum}, not target_batch_size "
+                             f"{target}")
+        if accum != self.accumulation_steps:
+            raise ValueError(f"batch_size_choice has accumulation_steps={accum} but "
+                             f"accumulation_steps={self.accumulation_steps}: pass "
+                             f"accumulation_steps={accum} (micro-batch {micro} x {accum} keeps "
+                             f"the effective batch {target})")
 
     def _check_scheduler(self) -> None:
         """Build the scheduler once on a throwaway optimizer, so that its own checks of
@@ -352,6 +396,20 @@ class TrainConfig:
         raise ValueError(f"monitor must be a key the run logs, one of {', '.join(known)}; got "
                          f"{key!r}" + ("" if metrics.keys() else
                                        " (add the metric to metrics= to monitor it)"))
+
+    def _check_mixing(self) -> None:
+        """``augment_targets`` (a callable ``augment`` then takes ``(inputs, targets)``; refused
+        with a built-in modality), the alphas (> 0 or None) and ``label_smoothing`` in [0, 1)."""
+        if not isinstance(self.augment_targets, bool):
+            raise TypeError(f"augment_targets must be a bool, got {self.augment_targets!r}")
+        if self.augment_targets and isinstance(self.augment, str):  # a built-in: inputs only
+            raise ValueError("augment_targets=True needs a callable augment= taking and returning "
+                             f"(inputs, targets); got augment={self.augment!r}")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) is not None:
+                check_real(name, getattr(self, name), low=0.0, low_inclusive=False)
+        check_real("label_smoothing", self.label_smoothing, low=0.0, high=1.0,
+                   high_inclusive=False)
 
     def _check_augment_options(self) -> None:
         """Check ``augment_options`` against the built-in augmentation they will be passed to.

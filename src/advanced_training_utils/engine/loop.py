@@ -71,7 +71,8 @@ class Parts:
 
     ``scheduler`` is stepped per optimizer step when its ``interval`` is ``'batch'`` (a
     ``LearningRateScheduler``, or ``engine.parts.NoSchedule`` with ``interval='never'``);
-    ``augment`` is applied to every training batch (``engine.parts.identity`` when off).
+    ``augment`` is applied to every training batch, ``(inputs, targets) -> (inputs, targets)``
+    (``engine.parts.identity`` when off); validation batches are never augmented.
     """
 
     model: torch.nn.Module
@@ -81,7 +82,7 @@ class Parts:
     clipper: GradientClipper
     monitor: StepDecider
     scheduler: Any
-    augment: Callable[[Any], Any]
+    augment: Callable[[Any, Any], tuple[Any, Any]]
     device: torch.device
     accumulation_steps: int = 1
     metrics: EpochMetrics = field(default_factory=EpochMetrics)  # validation metrics
@@ -219,7 +220,7 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
                 epoch: int = 0) -> EpochSums:
     """Train over ``loader`` once (from batch ``start`` when resuming mid-epoch).
 
-    Per batch: augment (train only) -> autocast forward -> weighted loss -> scaled backward; at
+    Per batch: augment ``(x, y)`` (train only) -> autocast forward -> weighted loss -> scaled backward; at
     each accumulation boundary: unscale -> clip -> guard (step or skip) -> scaler update ->
     per-batch scheduler step -> ``after_step(batches_done, sums)`` (checkpoints, preemption,
     recovery checks). Gradients are zeroed at the start of each accumulation window, so the last
@@ -249,7 +250,7 @@ def train_epoch(parts: Parts, loader: Iterable[Any], sums: EpochSums | None = No
     for i, batch, last in _marked(loader, start, n_batches, accum):
         x, y = split_batch(batch)
         x, y = to_device(x, p.device), to_device(y, p.device)
-        x = p.augment(x)
+        x, y = p.augment(x, y)
         size = batch_rows(y)
         if w is None:
             p.optimizer.zero_grad(set_to_none=True)

@@ -6,8 +6,8 @@ of stateful parts (:mod:`.state`) that checkpoints, resumes and recovery's snaps
 
 A feature that is off is a no-op object, so that neither the loop nor the run tests for None:
 no scheduler is :class:`NoSchedule` (``interval='never'``), no early stopping is
-:class:`NoEarlyStopping`, no augmentation is :func:`identity` (and :class:`~.state.NoState` in
-the table).
+:class:`NoEarlyStopping`, no augmentation and no mixing is :func:`identity` (and
+:class:`~.state.NoState` in the table).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .. import checkpoint as ck
 from ..clipping import GradientClipper
 from ..early_stopping import EarlyStopping
 from ..metrics import resolve_metrics
+from ..mixing import BatchMixing
 from ..precision import MixedPrecisionTrainer
 from ..scheduler import LearningRateScheduler
 from . import distributed
@@ -36,7 +37,14 @@ from .health.guard import StepGuard
 from .health.monitor import DivergenceMonitor
 from .health.recovery import Recovery
 from .loop import Parts
-from .prepare import FirstBatchCheck, build_augment, build_optimizer, loader_length
+from .prepare import (
+    BatchFn,
+    FirstBatchCheck,
+    build_augment,
+    build_mixing,
+    build_optimizer,
+    loader_length,
+)
 from .resume import optimizer_spec
 from .state import (
     PROGRESS,
@@ -55,9 +63,18 @@ __all__ = ["NoSchedule", "NoEarlyStopping", "RunEarlyStopping", "Selection", "id
 log = logging.getLogger(__name__)
 
 
-def identity(x: Any) -> Any:
-    """No augmentation: the batch itself (no copy, no kernel)."""
-    return x
+def identity(x: Any, y: Any) -> tuple[Any, Any]:
+    """No augmentation: the batch's inputs and targets themselves (no copy, no kernel)."""
+    return x, y
+
+
+def _then_mix(augment: BatchFn | None, mixing: BatchMixing | None) -> BatchFn:
+    """The training batches' hook: the augmentation, then the mixing (identity when off)."""
+    if mixing is None:
+        return augment or identity
+    if augment is None:
+        return mixing
+    return lambda x, y: mixing(*augment(x, y))
 
 
 class NoSchedule:
@@ -228,9 +245,10 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
     n_batches = loader_length(train_loader)  # None: no length (an IterableDataset, say)
     scheduler = _build_scheduler(cfg, optimizer, n_batches)
     metrics = resolve_metrics(cfg.metrics, device=device)
-    first_check = FirstBatchCheck(cfg, criterion, model, device,  # on this rank's first batch
-                                  metrics)
     augment, augmenter = build_augment(cfg, cfg.seed)
+    mixing = build_mixing(cfg)
+    first_check = FirstBatchCheck(cfg, criterion, model, device,  # on this rank's first batch
+                                  metrics, mixing)
     selection = _selection(cfg, val_loader is not None)
     early = (RunEarlyStopping(cfg.early_stop_patience, cfg.min_delta, cfg.mode)
              if cfg.early_stop_patience is not None else NoEarlyStopping())
@@ -251,7 +269,7 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
     monitor = DivergenceMonitor(guard, recovery, cfg.recovery_check_every)
     steps = Parts(model=fwd, criterion=criterion, optimizer=optimizer, precision=precision,
                   clipper=clipper, monitor=monitor, scheduler=scheduler,
-                  augment=augment or identity, device=device,
+                  augment=_then_mix(augment, mixing), device=device,
                   accumulation_steps=cfg.accumulation_steps, metrics=metrics,
                   module=model if fwd is not model else None,
                   val_model=val_fwd if val_fwd is not model else None)
@@ -262,6 +280,7 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
         **snapshot,
         ck.EARLY_STOPPING_KEY: early,
         ck.AUGMENTATION_KEY: augmenter or NoState(),
+        ck.MIXING_KEY: mixing or NoState(),
         PROGRESS: progress,
         ck.EPOCH_ORDER_KEY: position,
         ck.CONFIG_KEY: Fixed(cfg.to_plain()),

@@ -18,13 +18,15 @@ import torch
 
 from .. import checkpoint as ck
 from ..augmentation import DataAugmentation
+from ..mixing import BatchMixing
 from .config import TrainConfig
 from .dataorder import find_generators
 from .loop import split_batch, to_device
 
 __all__ = ["check_device", "resolve_device", "infer_modality", "build_optimizer",
-           "build_augment", "FirstBatchCheck", "rng_untouched", "check_labels",
-           "check_metric_outputs", "check_inputs", "loader_length"]
+           "build_augment", "build_mixing", "check_mixing", "BatchFn", "FirstBatchCheck",
+           "rng_untouched", "check_labels", "check_metric_outputs", "check_inputs",
+           "loader_length"]
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +140,13 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     return opt
 
 
+#: The training batches' hook: ``(inputs, targets) -> (inputs, targets)``.
+BatchFn = Callable[[Any, Any], tuple[Any, Any]]
+
+
 def build_augment(cfg: TrainConfig, seed: int | None
-                  ) -> tuple[Callable[[Any], Any] | None, DataAugmentation | None]:
-    """The training batches' augmentation: ``(function, augmenter with state)`` or Nones.
+                  ) -> tuple[BatchFn | None, DataAugmentation | None]:
+    """The training batches' augmentation: ``(batch function, augmenter with state)`` or Nones.
 
     Augmentation runs only when ``use_augmentation=True`` *and* ``augment`` names the modality
     (``'audio'``, ``'emotion'``, ``'notes'``) or is a callable. With ``augment=None`` nothing is
@@ -148,16 +154,48 @@ def build_augment(cfg: TrainConfig, seed: int | None
     shape suggests: a guessed modality is never applied, because every augmentation changes
     values and the shape cannot tell what the data are (a ``[B, 128]`` regression input is not a
     note roll to clamp to [0, 1]).
+
+    The batch function takes and returns ``(inputs, targets)``. The one rule for a callable
+    ``augment``: it is called with the inputs alone and its result replaces the inputs (the
+    guide's ``augment=lambda x: ...``), unless ``augment_targets=True`` declares that it takes
+    and returns ``(inputs, targets)``. The signature is never inspected: a callable with an
+    optional second parameter would otherwise change meaning silently.
     """
     if not cfg.use_augmentation or cfg.augment is None:
         return None, None
     if callable(cfg.augment):
-        return cfg.augment, None
+        return (_pairs(cfg.augment) if cfg.augment_targets else _inputs_only(cfg.augment)), None
     aug = DataAugmentation(seed=seed)
     fn = {"audio": aug.augment_audio_features, "emotion": aug.augment_emotion_embedding,
           "notes": aug.augment_note_probabilities}[cfg.augment]
     opts = dict(cfg.augment_options)
-    return (lambda x: fn(x, **opts)), aug
+    return (lambda x, y: (fn(x, **opts), y)), aug
+
+
+def _inputs_only(fn: Callable[[Any], Any]) -> BatchFn:
+    """A one-argument augmentation as a batch function: the targets pass through."""
+    return lambda x, y: (fn(x), y)
+
+
+def _pairs(fn: Callable[[Any, Any], Any]) -> BatchFn:
+    """An ``augment_targets=True`` callable, its result checked to be ``(inputs, targets)``."""
+    def augment(x: Any, y: Any) -> tuple[Any, Any]:
+        out = fn(x, y)
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError("augment_targets=True: augment must return (inputs, targets), got "
+                            + type(out).__name__
+                            + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+        return out[0], out[1]
+    return augment
+
+
+def build_mixing(cfg: TrainConfig) -> BatchMixing | None:
+    """:class:`~..mixing.BatchMixing` from ``mixup_alpha``, ``cutmix_alpha`` and
+    ``label_smoothing`` (seeded with ``seed``), or None when all three are off. They apply
+    whether or not ``use_augmentation`` is set, after the augmentation."""
+    if cfg.mixup_alpha is None and cfg.cutmix_alpha is None and not cfg.label_smoothing:
+        return None
+    return BatchMixing(cfg.mixup_alpha, cfg.cutmix_alpha, cfg.label_smoothing, seed=cfg.seed)
 
 
 def _warn_unset_augment(sample: Any) -> None:
@@ -176,16 +214,19 @@ class FirstBatchCheck:
     """Checks made on the first training batch the run sees, as training reads it.
 
     The checks (class labels in range for the model's outputs; the outputs and targets the
-    built-in metrics need; the augmentation warning) run on
+    built-in metrics need; mixing's number of classes and a criterion that takes class
+    probabilities; the augmentation warning) run on
     the batch the first epoch yields anyway, not on a separate peek: a peek would draw from the
     user's RNGs (a DataLoader's ``generator`` draws each iterator's base seed, an iterable may
     reshuffle), which shifts the data order of a run against the user's own loop.
     """
 
     def __init__(self, cfg: TrainConfig, criterion: Any, model: torch.nn.Module,
-                 device: torch.device, metrics: Any = None) -> None:
+                 device: torch.device, metrics: Any = None,
+                 mixing: BatchMixing | None = None) -> None:
         self._args = (criterion, model, device)
         self._metrics = metrics
+        self._mixing = mixing
         self._warn_augment = bool(cfg.use_augmentation and cfg.augment is None)
         self._done = False
 
@@ -200,6 +241,7 @@ class FirstBatchCheck:
             criterion, model, device = self._args
             check_labels(criterion, model, x, y, device)
             check_metric_outputs(self._metrics, model, x, y, device)
+            check_mixing(self._mixing, criterion, model, x, y, device)
             if self._warn_augment:
                 _warn_unset_augment(x)
             return itertools.chain([batch], batches)
@@ -269,6 +311,69 @@ def check_metric_outputs(metrics: Any, model: torch.nn.Module, x: Any, y: Any,
     finally:
         model.train(was_training)
     metrics.check(out, to_device(y, device))
+
+
+def _mixing_options(mixing: BatchMixing) -> str:
+    """The options that turned mixing on, as the user wrote them."""
+    opts = [f"mixup_alpha={mixing.mixup_alpha}" * (mixing.mixup_alpha is not None),
+            f"cutmix_alpha={mixing.cutmix_alpha}" * (mixing.cutmix_alpha is not None),
+            f"label_smoothing={mixing.label_smoothing}" * bool(mixing.label_smoothing)]
+    return ", ".join(o for o in opts if o)
+
+
+#: torch losses that take class indices only (never class probabilities).
+_INDEX_ONLY = (torch.nn.NLLLoss, torch.nn.MultiMarginLoss, torch.nn.MultiLabelMarginLoss)
+
+
+def check_mixing(mixing: BatchMixing | None, criterion: Any, model: torch.nn.Module, x: Any,
+                 y: Any, device: torch.device) -> None:
+    """On the first batch: give ``mixing`` the number of classes (the model output's ``[B, C]``)
+    and check that the criterion takes the probability targets ``[B, C]`` it will get.
+
+    A ``torch.nn.Module`` criterion is called once on the first batch's outputs and probability
+    targets; a plain function is not called ahead (it may count or log its calls).
+
+    Raises:
+        ValueError: naming the mixing options, for an output that is not ``[B, C]``, labels out
+            of range, or a criterion that refuses class probabilities.
+    """
+    if mixing is None or not isinstance(y, torch.Tensor):
+        return
+    opts = _mixing_options(mixing)
+    if y.is_floating_point():
+        mixing.soft_targets(y)  # label smoothing of float targets is refused here
+        return
+    if isinstance(criterion, _INDEX_ONLY):
+        raise ValueError(f"with {opts} the criterion gets class probabilities [B, C] as "
+                         f"targets, but {type(criterion).__name__} takes class indices only: "
+                         "use torch.nn.CrossEntropyLoss (on logits) or another criterion that "
+                         "takes probabilities")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(to_device(x, device))
+    except Exception:
+        return  # the training loop reports forward failures with their batch position
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"with {opts} and class-index targets the model output must be "
+                         f"[B, C] (C classes), got {got}")
+    classes = out.shape[1]
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(f"with {opts} class labels must be in [0, {classes - 1}] for a model with "
+                         f"{classes} outputs; the first batch holds {int(y.min())}..{int(y.max())}")
+    mixing.set_classes(classes, out.dtype if out.is_floating_point() else mixing.dtype)
+    if isinstance(criterion, torch.nn.Module):
+        try:
+            criterion(out, mixing.soft_targets(to_device(y, device)))
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise ValueError(f"with {opts} the criterion gets class probabilities [B, C] as "
+                             f"targets, but {type(criterion).__name__} refused them: "
+                             f"{str(e).splitlines()[0]} (use torch.nn.CrossEntropyLoss or "
+                             "another criterion that takes probabilities)") from e
 
 
 def loader_length(loader: Any) -> int | None:

@@ -12,7 +12,9 @@ constrained
 "early stop" is ``early_stop_patience``; every preset leaves the plateau scheduler's
 ``plateau_patience`` at its default (5).
 
-``memory`` is an alias of ``memory_constrained``.
+``memory`` is an alias of ``memory_constrained``. It does not turn the batch-size finder on (a
+preset holds these options; the batch size is the caller's loader's): pair it with
+``engine.batchfind.find_batch_size``, or ``advtrain train --set batch_size=auto``.
 """
 
 from __future__ import annotations

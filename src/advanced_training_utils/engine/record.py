@@ -29,6 +29,7 @@ class _OptionalFields(TypedDict, total=False):
     recovery_event: str           # a rollback in this epoch: what happened
     stability_healthy: bool       # a stability check ran this epoch: no NaN/Inf found
     nonfinite_params: list[str]   # ... and the parameters whose gradients or weights were not
+    stopped_by_callback: bool     # on_epoch_end returned True: the run stopped after this epoch
 
 
 class HistoryRow(_OptionalFields):

@@ -13,7 +13,8 @@ named method of ``_Run``:
 4. per epoch: train (:func:`loop.train_epoch`, which calls back after every optimizer step for
    recovery checks, step checkpoints and preemption), evaluate, read the epoch's numbers once
    (the divergence monitor may roll back here), then the decisions: step the LR, keep the best
-   weights, count for early stopping, stability checks; record the history row, save;
+   weights, count for early stopping, stability checks; record the history row, ask the
+   ``on_epoch_end`` callback (the one extension point: :meth:`_Run.call_back`), save;
 5. the result: the best weights restored (unless ``restore_best_weights=False``) and a dict.
 
 Devices: ``'auto'`` picks CUDA, then MPS, then CPU. ``'cuda'`` on a machine without CUDA logs a
@@ -44,12 +45,12 @@ from .config import TrainConfig
 from .health.monitor import EpochHealth
 from .health.recovery import RecoveryEvent
 from .loop import EpochSums, evaluate, read_sums, train_epoch
-from .options import TrainOptions, Unpack
+from .options import EpochCallback, TrainOptions, Unpack
 from .parts import RunParts, build_parts
 from .preemption import PreemptionHandler, TrainingPreempted
 from .prepare import check_inputs, infer_modality, resolve_device
 from .progress import Progress
-from .record import epoch_row, log_stability, run_grad_stats, summary_line
+from .record import HistoryRow, epoch_row, log_stability, run_grad_stats, summary_line
 from .resume import check_optimizer, check_options
 from .runfiles import RunFiles, closing
 from .state import load_parts, save_parts
@@ -80,7 +81,8 @@ def train_model_advanced(
             defaults; an unknown name is a ``TypeError``). Run: ``epochs``, ``learning_rate``,
             ``device`` (``'auto'``: CUDA, MPS, else CPU), ``seed``, ``verbose``. Optimisation:
             ``optimizer`` (an optimizer or a factory of the parameters; default fused AdamW),
-            ``weight_decay``, ``accumulation_steps``, ``gradient_clip`` (None: no clipping).
+            ``weight_decay``, ``accumulation_steps``, ``batch_size_choice`` (the batch-size
+            finder's record, :mod:`.batchfind`), ``gradient_clip`` (None: no clipping).
             Scheduler: ``use_scheduler``, ``scheduler_type`` and ``LearningRateScheduler``'s
             ``factor``, ``T_max`` (default: epochs), ``gamma``, ``step_size``, ``min_lr``,
             ``max_lr`` (default: learning_rate), ``pct_start``, ``warmup_steps``, and
@@ -88,14 +90,17 @@ def train_model_advanced(
             stopping has one too). Precision: ``use_mixed_precision``, ``amp_dtype`` (None:
             float16 on CUDA, bfloat16 on CPU). Augmentation: ``use_augmentation``, ``augment``
             (``'audio'``, ``'emotion'``, ``'notes'`` or a callable; with None nothing is applied
-            and a warning is logged), ``augment_options``. Compilation: ``compile``
+            and a warning is logged), ``augment_options``, ``augment_targets`` (True: a callable
+            ``augment`` maps ``(inputs, targets)``). Soft targets (:mod:`..mixing`):
+            ``mixup_alpha``, ``cutmix_alpha``, ``label_smoothing``. Compilation: ``compile``
             (:mod:`.compiled`), ``compile_options``. Class imbalance (``'balanced'``,
             :mod:`.balance`): ``class_weights``, ``sampler``. Stopping and checks:
             ``early_stop_patience``, ``min_delta``, ``restore_best_weights``,
             ``check_stability``, ``stability_every``, ``metrics`` (``uar``, ``macro_f1``,
             ``accuracy``, ``per_class_recall``, ``ccc``, ``mae``, torchmetrics objects,
             callables; logged as ``val_<key>``), ``monitor`` (the logged key for the best epoch,
-            early stopping, plateau) and ``mode`` (``min``/``max``). Files: ``checkpoint_dir``,
+            early stopping, plateau), ``mode`` (``min``/``max``), ``on_epoch_end`` (a callable
+            given each epoch's history row; True stops). Files: ``checkpoint_dir``,
             ``model_name``, ``resume`` (True: the newest intact ``{model_name}_last*.pt``; or a
             path), ``checkpoint_every_n_steps``, ``keep_last``, ``handle_signals``,
             ``metrics_file``, ``tensorboard``. Recovery: ``recovery``, ``spike_factor``,
@@ -103,12 +108,12 @@ def train_model_advanced(
             ``divergence_factor``, ``recovery_check_every``. Under torchrun: ``dist_timeout``.
 
     Returns:
-        dict with ``best_epoch`` (1-based; 0: none improved), ``monitor``, ``best_metric``
-        (its best value), ``best_val_loss`` (the best epoch's val loss), ``history`` (a dict per
-        epoch), ``stopped_early``, ``epochs_run``, ``best_checkpoint`` and ``last_checkpoint``
-        (paths or None), ``grad_stats`` (the clipper's statistics over the run), ``stability``
-        (the last check's findings or None), ``skipped_steps``, ``rollbacks``, ``recovery_events``,
-        ``class_weights`` (floats, or None).
+        dict with ``best_epoch`` (1-based; 0: none improved), ``monitor``, ``best_metric`` (its best
+        value), ``best_val_loss`` (the best epoch's val loss), ``history`` (a dict per epoch),
+        ``stopped_early``, ``stopped_by_callback``, ``epochs_run``, ``best_checkpoint`` and
+        ``last_checkpoint`` (paths or None), ``grad_stats`` (the clipper's statistics over the run),
+        ``stability`` (the last check's findings or None), ``skipped_steps``, ``rollbacks``,
+        ``recovery_events``, ``class_weights`` (floats, or None).
 
     Raises:
         TypeError / ValueError: bad options, model, loaders, labels or criterion, named; or a
@@ -136,8 +141,9 @@ def train_model_advanced(
                 improved = run.keep_best(epoch, monitored, health.event)
                 run.stop_early(monitored)
                 run.check_stability(epoch, nums, health)
-                run.record(epoch, nums, health, improved)
-                run.save(improved)
+                row = run.record(epoch, nums, health, improved)
+                run.call_back(row, improved)
+                run.save(row, improved)
                 run.stop_if_preempted(preempt)
         return run.result()
 
@@ -199,6 +205,7 @@ class _Run:
         self.lr_history: list[float] = []
         self.stability: dict[str, Any] | None = None
         self.stopped_early = False
+        self.stopped_by_callback = False
         self._epoch_started = time.perf_counter()
 
     # ------------------------------------------------------------------ resume
@@ -250,9 +257,9 @@ class _Run:
 
     # ------------------------------------------------------------------ one epoch
     def epochs(self) -> Iterator[int]:
-        """The epochs left to run (1-based), until early stopping says stop."""
+        """The epochs left to run (1-based), until early stopping or the callback says stop."""
         for epoch in range(self.parts.progress.epoch + 1, self.cfg.epochs + 1):
-            if self.stopped_early:
+            if self.stopped_early or self.stopped_by_callback:
                 return
             yield epoch
 
@@ -361,8 +368,8 @@ class _Run:
 
     # ------------------------------------------------------------------ record, save, stop
     def record(self, epoch: int, nums: dict[str, Any], health: EpochHealth,
-               improved: bool) -> None:
-        """The epoch's history row: kept, written to the metrics log, printed."""
+               improved: bool) -> HistoryRow:
+        """The epoch's history row: kept in the history and printed (:meth:`save` logs it)."""
         p = self.parts
         event = health.event.detail if health.event is not None else None
         row = epoch_row(epoch, nums, p.clipper.get_stats(), p.lr(), health.skipped,
@@ -371,15 +378,50 @@ class _Run:
                         self.stability)
         p.clipper.reset()
         p.progress.end_epoch(epoch, row)
-        self.files.write_metrics(row)
         line = summary_line(row, self.cfg.epochs)
         if self.cfg.verbose:
             self.bar.finish(line)
         else:
             log.info(line)
+        return row
 
-    def save(self, improved: bool) -> None:
-        """The epoch-end checkpoint, written in the background (and ``_best.pt`` if improved)."""
+    def call_back(self, row: HistoryRow, improved: bool) -> None:
+        """Ask ``on_epoch_end(row)`` whether to stop (``row`` is the history's own dict).
+
+        True stops the run after this epoch's checkpoint: the row gets ``stopped_by_callback``
+        (in the history, the metrics log and the checkpoint), the result says so. Under DDP
+        every rank calls it with its row (the same numbers; ``seconds`` is the rank's own) and
+        rank 0's answer is taken by all. An exception, or an answer other than True, False or
+        None (a ``TypeError``), propagates after the epoch's checkpoint is written, on the rank
+        that raised it (a ``RuntimeError`` naming that rank on the others).
+        """
+        error: BaseException | None = None
+        try:
+            stop = _stop_asked(self.on_epoch_end(row))
+        except BaseException as e:  # re-raised below, after the checkpoint
+            stop, error = False, e
+        answers = self.ctx.gather_object((stop, error is not None))  # [(stop, raised)] per rank
+        raised = [rank for rank, (_, failed) in enumerate(answers) if failed]
+        if raised:
+            self.save(row, improved)  # written before the error leaves the run (closing waits)
+            if error is not None:
+                raise error
+            raise RuntimeError(f"on_epoch_end raised on rank(s) {raised}; see their logs")
+        if answers[0][0]:
+            self.stopped_by_callback = True
+            row["stopped_by_callback"] = True
+            log.info("epoch %d: on_epoch_end returned True; stopping after this epoch's "
+                     "checkpoint", row["epoch"])
+
+    @property
+    def on_epoch_end(self) -> EpochCallback:
+        """The callback, or one that never stops."""
+        return self.cfg.on_epoch_end or _go_on
+
+    def save(self, row: HistoryRow, improved: bool) -> None:
+        """The epoch's row to the metrics log; the epoch-end checkpoint, written in the
+        background (and ``_best.pt`` if improved)."""
+        self.files.write_metrics(dict(row))
         self.files.save(self._checkpoint(), best=improved, background=True)
 
     def _checkpoint(self) -> dict[str, Any] | None:
@@ -416,6 +458,7 @@ class _Run:
             "monitor": p.selection.key,
             "history": prog.history,
             "stopped_early": self.stopped_early,
+            "stopped_by_callback": self.stopped_by_callback,
             "epochs_run": len(prog.history),
             "best_checkpoint": str(files.best) if files.best is not None
             and files.best.exists() else None,
@@ -438,3 +481,18 @@ class _Run:
             return prog.best_loss
         rows = [h for h in prog.history if h["epoch"] == prog.best_epoch]
         return rows[0]["val_loss"] if rows else math.inf
+
+
+def _go_on(row: HistoryRow) -> None:
+    """The callback when ``on_epoch_end`` is None: never stops."""
+
+
+def _stop_asked(answer: object) -> bool:
+    """``on_epoch_end``'s answer: True stops, None or False go on; anything else (a truthy
+    string, a tensor, 1) is a ``TypeError``, since guessing would stop or continue by chance."""
+    if answer is None or answer is False:
+        return False
+    if answer is True:
+        return True
+    raise TypeError(f"on_epoch_end must return True (stop), False or None (go on); it returned "
+                    f"{answer!r} ({type(answer).__name__})")
