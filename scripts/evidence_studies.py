@@ -35,7 +35,7 @@ class Scale:
 
 
 #: ``make evidence``: 3 seeds; sized to finish in about 25 minutes on 2 quiet cores.
-FULL = Scale(seeds=3, epochs=10, notes_epochs=12, per_piece=3, fractions=(0.1, 0.3, 1.0), jobs=2)
+FULL = Scale(seeds=3, epochs=8, notes_epochs=12, per_piece=3, fractions=(0.1, 0.3, 1.0), jobs=2)
 #: ``--quick``: a smoke run of the machinery (1 seed, 2 epochs, tiny data); numbers meaningless.
 QUICK = Scale(seeds=1, epochs=2, notes_epochs=2, per_piece=1, fractions=(0.3, 1.0), jobs=1)
 
