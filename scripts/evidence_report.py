@@ -67,25 +67,29 @@ def study_table(sr: StudyResult) -> str:
 
 
 def _plot_intervals(sr: StudyResult, path: Path) -> Path:
-    """The test metric per cell: each seed a dot, the mean and its 95% interval a bar."""
+    """The test metric per cell: each seed a dot, the mean and its 95% interval a bar (one
+    colour per cell name before its ``@fraction``)."""
     from matplotlib.figure import Figure
 
     cells = [c for c in sr.cells if c.runs]
-    fig = Figure(figsize=(7, 0.32 * len(cells) + 1.1), layout="constrained")
+    groups = list(dict.fromkeys(c.cell.label.split(" @")[0] for c in cells))
+    fig = Figure(figsize=(7, 0.3 * len(cells) + 1.2), layout="constrained")
     ax = fig.add_subplot()
     for y, c in enumerate(cells):
+        color = f"C{groups.index(c.cell.label.split(' @')[0]) % 10}"
         vals, iv = c.values("test_value"), c.iv("test_value")
-        ax.plot(vals, [y] * len(vals), "o", ms=3, color="0.55")
+        ax.plot(vals, [y] * len(vals), "o", ms=3, color="0.6")
         if iv.n >= 2:
             ax.errorbar(iv.mean, y, xerr=[[iv.mean - iv.low], [iv.high - iv.mean]], fmt="s",
-                        ms=5, color="C0", capsize=3)
+                        ms=5, color=color, capsize=3)
         elif iv.n == 1:
-            ax.plot(iv.mean, y, "s", ms=5, color="C0")
+            ax.plot(iv.mean, y, "s", ms=5, color=color)
     ax.set_yticks(range(len(cells)), [c.cell.label for c in cells], fontsize=8)
     ax.invert_yaxis()
     better = "higher" if sr.higher_is_better else "lower"
-    ax.set_xlabel(f"held-out {sr.test_name} ({better} is better)")
-    ax.set_title(f"{sr.title}: mean and 95% interval over seeds (dots: seeds)", fontsize=9)
+    ax.set_xlabel(f"held-out {sr.test_name} ({better} is better); mean, 95% interval; "
+                  "dots: seeds", fontsize=8)
+    ax.set_title(sr.title, fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     fig.savefig(path, dpi=80)
     return path
