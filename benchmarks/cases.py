@@ -67,7 +67,8 @@ def _hand_loop(model: nn.Module, tl, vl, epochs: int) -> None:
         sched.step()
 
 
-def _ours(model: nn.Module, tl, vl, epochs: int, ckpt: str) -> None:
+def _ours(model: nn.Module, tl, vl, epochs: int, ckpt: str, **extra: Any) -> None:
+    """train_model_advanced with the hand loop's math (``extra``: options on top, e.g. EMA)."""
     from advanced_training_utils import train_model_advanced
 
     devnull = open(os.devnull, "w")  # the progress bar is on, drawn to nowhere
@@ -77,25 +78,33 @@ def _ours(model: nn.Module, tl, vl, epochs: int, ckpt: str) -> None:
                              learning_rate=1e-3, device="cpu", scheduler_type="step",
                              step_size=10, gamma=0.5, gradient_clip=1.0, check_stability=True,
                              stability_every=1, verbose=True, checkpoint_dir=ckpt,
-                             restore_best_weights=False, handle_signals=False)
+                             restore_best_weights=False, handle_signals=False, **extra)
     finally:
         sys.stderr = old
 
 
-def case_loop(variant: str, model_kind: str) -> dict[str, Any]:
-    """Seconds for 3 epochs (after a 1-epoch warm-up) of the hand loop or train_model_advanced."""
+#: The loop case's variants of train_model_advanced: options on top of the hand loop's math.
+LOOP_VARIANTS: dict[str, dict[str, Any]] = {
+    "ours": {},
+    "ema": {"ema_decay": 0.999},  # one EMA update after every optimizer step (no eval_ema)
+}
+
+
+def case_loop(variant: str, model_kind: str, n: int = 4096, epochs: int = 3) -> dict[str, Any]:
+    """Seconds for ``epochs`` epochs (after a 1-epoch warm-up) of the hand loop or
+    train_model_advanced (variant ``ours``, or ``ema``: the same with ``ema_decay=0.999``)."""
     cnn = model_kind == "cnn"
-    tl, vl = _loaders(cnn=cnn)
+    tl, vl = _loaders(n=n, cnn=cnn)
     make = _cnn if cnn else _mlp
     with tempfile.TemporaryDirectory() as d:
         run = (lambda m, e: _hand_loop(m, tl, vl, e)) if variant == "hand" else (
-            lambda m, e: _ours(m, tl, vl, e, d))
+            lambda m, e: _ours(m, tl, vl, e, d, **LOOP_VARIANTS[variant]))
         run(make(), 1)  # warm-up: imports, allocator, first optimizer construction
         torch.manual_seed(1)
         t0 = time.perf_counter()
-        run(make(), 3)
+        run(make(), epochs)
         dt = time.perf_counter() - t0
-    return {"seconds": dt, "steps": 3 * len(tl)}
+    return {"seconds": dt, "steps": epochs * len(tl)}
 
 
 def case_augment(variant: str) -> dict[str, Any]:

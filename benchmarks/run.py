@@ -34,6 +34,10 @@ PIN = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "107374
 COMPARISONS = [
     ("loop overhead, tiny MLP", "loop_mlp", "hand", "ours", "<= +50 us/step"),
     ("loop overhead, small CNN", "loop_cnn", "hand", "ours", "<= +1%"),
+    ("EMA on (ema_decay=0.999) vs off, tiny MLP", "loop_mlp", "ours", "ema",
+     "added us/step stated"),
+    ("EMA on (ema_decay=0.999) vs off, small CNN", "loop_cnn", "ours", "ema",
+     "added us/step stated"),
     ("augment_audio_features vs clone", "augment", "clone", "ours", "<= 3x"),
     ("per-example loop vs augment_audio_features", "augment", "ours", "loop", ">= 10x"),
     ("check_gradients vs get_total_norm", "stability", "total_norm", "check_gradients", "<= 1.5x"),

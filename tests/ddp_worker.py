@@ -183,10 +183,25 @@ def cases(out, rank):
                          checkpoint_dir=out / "ck_compiled", **CASE_OPTS)
     torch.save(m.state_dict(), out / f"compiled_rank{rank}.pt")
     res.update(metric_cases(out, rank, train))
+    res["averaged"] = averaging_case(out, rank, train)
     res["callback"] = callback_cases(rank, train)
     (out / f"cases_rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
     return 0
+
+
+def averaging_case(out, rank, train):
+    """EMA + SWA (a BatchNorm model, each rank's batch-norm pass on its shard) + eval_ema, a NaN
+    loss on rank 1 only: every rank keeps the same averages and validation values."""
+    torch.manual_seed(1)
+    bn = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16),
+                             torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    h = train_model_advanced(bn, train, DataLoader(data(13, 1), batch_size=3),
+                             faulty_ce(rank, nan_at=NAN_AT if rank == 1 else None),
+                             ema_decay=0.9, swa_start=2, eval_ema=True, **CASE_OPTS)
+    torch.save(h["averaged_weights"], out / f"averaged_rank{rank}.pt")
+    return {"val": [e["val_loss"] for e in h["history"]], "skipped": h["skipped_steps"],
+            "best_weights": h["best_weights"]}
 
 
 CLS_METRICS = ["uar", "macro_f1", "accuracy", "per_class_recall"]

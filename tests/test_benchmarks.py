@@ -116,3 +116,9 @@ def test_demo_figures_runs_the_commands_of_make_demo():
     for cmd in demo_figures.demo_commands(Path("runs/demo")):
         assert cmd[:3] == [sys.executable, "-m", "advanced_training_utils"]
         assert "$(BIN)/advtrain " + " ".join(cmd[3:]) in makefile
+
+
+def test_the_loop_cases_ema_variant_runs_at_tiny_size():
+    out = cases.case_loop("ema", "mlp", n=128, epochs=1)
+    assert out["steps"] == 2 and out["seconds"] > 0
+    assert ("loop_mlp", "ours", "ema") in {c[1:4] for c in run.COMPARISONS}

@@ -286,6 +286,19 @@ def test_uneven_validation_shards_with_batchnorm_finish_on_rank_0s_buffers(cases
         assert ranks[r]["bn"]["val"] == pytest.approx(ranks[r]["bn"]["local_val"], abs=1e-6)
 
 
+def test_every_rank_keeps_the_same_averages_and_validates_them_alike(cases_run):
+    """EMA and SWA under DDP: each rank keeps its own average of identical weights (a NaN on
+    rank 1 is skipped on both, by both EMAs); SWA's batch-norm statistics are rank 0's."""
+    out, ranks = cases_run
+    assert ranks[0]["averaged"] == ranks[1]["averaged"]
+    assert ranks[0]["averaged"]["skipped"] == 1 and ranks[0]["averaged"]["best_weights"] == "swa"
+    a, b = (_weights(out / f"averaged_rank{r}.pt") for r in (0, 1))
+    assert a.keys() == b.keys() == {"ema", "swa"}
+    for kind in a:
+        for k in a[kind]:
+            assert torch.equal(a[kind][k], b[kind][k]), (kind, k)
+
+
 @pytest.mark.parametrize("name", ["torch_rng", "batch_sampler"])
 def test_mid_epoch_resume_with_a_wrapped_sampler_is_exact(cases_run, name):
     out, _ = cases_run

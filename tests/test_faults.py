@@ -412,6 +412,18 @@ def worker_reference(tmp_path_factory):
     return _final(out)
 
 
+#: The worker with weight averaging on: an EMA validation runs on, SWA with a BatchNorm layer.
+AVERAGED = ("--ema", "--swa")
+
+
+@pytest.fixture(scope="module")
+def averaged_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref_averaged")
+    p = _spawn(out, "--every", "0", *AVERAGED)
+    assert p.wait(timeout=120) == 0
+    return _final(out), torch.load(out / "averaged.pt", weights_only=True)
+
+
 def _assert_final_equal(out, reference):
     got = _final(out)
     assert got.keys() == reference.keys()
@@ -419,13 +431,26 @@ def _assert_final_equal(out, reference):
         assert torch.equal(got[k], reference[k]), k
 
 
-def test_sigkill_at_file_operations_then_resume_is_bit_exact(tmp_path, worker_reference):
+def _assert_averages_equal(out, reference):
+    got = torch.load(out / "averaged.pt", weights_only=True)
+    assert got.keys() == reference.keys() == {"ema", "swa"}
+    for kind in reference:
+        assert got[kind].keys() == reference[kind].keys()
+        for k in reference[kind]:
+            assert torch.equal(got[kind][k], reference[kind][k]), (kind, k)
+
+
+@pytest.mark.parametrize("flags", [(), AVERAGED], ids=["plain", "ema+swa"])
+def test_sigkill_at_file_operations_then_resume_is_bit_exact(tmp_path, flags, request):
     """Kills land inside checkpoint writes and rotations (file operations drawn with a fixed
-    seed); after each, the newest checkpoint is at w_last.pt (none newer elsewhere)."""
+    seed); after each, the newest checkpoint is at w_last.pt (none newer elsewhere). With EMA
+    and SWA on, the final averages (weights, BatchNorm statistics) are bit-exact too."""
+    reference = request.getfixturevalue("averaged_reference" if flags else "worker_reference")
+    worker_reference = reference[0] if flags else reference
     rng = random.Random(20)
     kills = left_temps = 0
     for _ in range(4):
-        p = _spawn(tmp_path, "--kill-at-io", str(rng.randint(5, 300)))
+        p = _spawn(tmp_path, "--kill-at-io", str(rng.randint(5, 300)), *flags)
         code = p.wait(timeout=120)
         if code == 0:
             break
@@ -436,10 +461,12 @@ def test_sigkill_at_file_operations_then_resume_is_bit_exact(tmp_path, worker_re
         if finals:  # the newest complete checkpoint sits at w_last.pt
             assert max(_position(f) for f in finals) == _position(tmp_path / "w_last.pt")
     assert kills >= 3 and left_temps >= 1  # some kills did land inside a write
-    p = _spawn(tmp_path)
+    p = _spawn(tmp_path, *flags)
     assert p.wait(timeout=120) == 0
     assert temp_files(tmp_path) == []
     _assert_final_equal(tmp_path, worker_reference)
+    if flags:
+        _assert_averages_equal(tmp_path, reference[1])
 
 
 def test_two_quick_sigterms_checkpoint_where_training_stopped(tmp_path, worker_reference):

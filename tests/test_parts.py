@@ -6,6 +6,7 @@ import torch
 from _helpers import make_loaders, make_model
 from advanced_training_utils import checkpoint as ck
 from advanced_training_utils.engine import distributed
+from advanced_training_utils.engine.averaging import EMA, SWA, NoAverage
 from advanced_training_utils.engine.config import TrainConfig
 from advanced_training_utils.engine.parts import (
     NoEarlyStopping,
@@ -54,6 +55,18 @@ def test_switched_off_features_are_no_ops_in_the_parts_and_the_table():
     assert p.steps.augment is identity
     assert isinstance(p.table[ck.AUGMENTATION_KEY], NoState)
     assert isinstance(p.table[ck.MIXING_KEY], NoState)
+    # no weight averaging: the loop's per-step hook is NoAverage's empty method
+    assert isinstance(p.steps.average, NoAverage) and p.table[ck.EMA_KEY] is p.steps.average
+    assert isinstance(p.table[ck.SWA_KEY], NoAverage) and isinstance(p.eval_average, NoAverage)
+
+
+def test_switched_on_averages_are_in_the_table_the_snapshot_and_the_loop():
+    p = _parts(ema_decay=0.99, swa_start=1, eval_ema=True)
+    assert isinstance(p.steps.average, EMA) and p.table[ck.EMA_KEY] is p.ema is p.steps.average
+    assert isinstance(p.swa, SWA) and p.table[ck.SWA_KEY] is p.swa is p.eval_average
+    assert p.monitor.recovery.parts[ck.EMA_KEY] is p.ema
+    assert p.monitor.recovery.parts[ck.SWA_KEY] is p.swa
+    assert _parts(ema_decay=0.99, eval_ema=True).eval_average.kind == "ema"
 
 
 def test_switched_on_features_are_the_real_objects():
@@ -69,10 +82,11 @@ def test_the_table_lists_every_part_once_with_the_monitor_last():
     p = _parts()
     assert list(p.table) == [
         ck.MODEL_KEY, ck.OPTIMIZER_KEY, ck.SCHEDULER_KEY, ck.PRECISION_KEY, ck.CLIPPER_KEY,
+        ck.EMA_KEY, ck.SWA_KEY,
         ck.EARLY_STOPPING_KEY, ck.AUGMENTATION_KEY, ck.MIXING_KEY, PROGRESS, ck.EPOCH_ORDER_KEY,
         ck.CONFIG_KEY, ck.OPTIMIZER_SPEC_KEY, ck.CLASS_WEIGHTS_KEY, ck.RECOVERY_KEY]
     assert p.table[ck.MODEL_KEY] is p.model and p.table[ck.RECOVERY_KEY] is p.monitor
     assert p.table[PROGRESS] is p.progress and p.table[ck.OPTIMIZER_KEY] is p.optimizer
-    # recovery's snapshot is the first five parts of the same table
-    assert list(p.monitor.recovery.parts) == list(p.table)[:5]
-    assert all(p.monitor.recovery.parts[k] is p.table[k] for k in list(p.table)[:5])
+    # recovery's snapshot is the first seven parts of the same table (the averages included)
+    assert list(p.monitor.recovery.parts) == list(p.table)[:7]
+    assert all(p.monitor.recovery.parts[k] is p.table[k] for k in list(p.table)[:7])

@@ -23,7 +23,8 @@ from advanced_training_utils.engine.resume import optimizer_spec
 
 CE = torch.nn.CrossEntropyLoss()
 BASE = dict(epochs=2, learning_rate=3e-3, device="cpu", verbose=False, seed=0, model_name="m",
-            compile_options={"backend": "aot_eager"})  # compile=True below: no C++ to build
+            compile_options={"backend": "aot_eager"},  # compile=True below: no C++ to build
+            ema_decay=0.99)  # an EMA on, so that eval_ema=True is a valid change
 
 # A new value for every option (valid, and different from BASE or the default). An option added
 # to TrainConfig without an entry here and a rule in RESUME_RULES fails the tests below.
@@ -49,6 +50,7 @@ CHANGED = {
     "rollback_after": 3, "rollback_lr_factor": 0.25, "max_rollbacks": 5,
     "divergence_factor": 5.0, "recovery_check_every": 4, "dist_timeout": 30.0,
     "resume": None, "metrics_file": "SET BY TEST", "tensorboard": True, "verbose": True,
+    "ema_decay": 0.9, "ema_warmup": False, "swa_start": 2, "eval_ema": True,
 }
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 

@@ -103,7 +103,7 @@ def test_the_progress_keys_are_top_level_keys_of_the_file():
     assert PROGRESS not in saved
     assert (saved[ck.EPOCH_KEY], saved[ck.STEP_KEY], saved[ck.GLOBAL_STEP_KEY],
             saved[ck.CHECK_FROM_KEY]) == (3, 2, 20, 1)
-    assert saved[ck.BEST_KEY] == {"val_loss": 0.9, "epoch": 2}
+    assert saved[ck.BEST_KEY] == {"val_loss": 0.9, "epoch": 2, "weights": "model"}
     assert saved[ck.HISTORY_KEY] == [{"epoch": 1}]
 
 
@@ -194,7 +194,7 @@ def test_a_run_checkpoint_holds_exactly_the_tables_keys(tmp_path):
         ck.STEP_KEY, ck.BEST_KEY, ck.GLOBAL_STEP_KEY, ck.CHECK_FROM_KEY, ck.EPOCH_ORDER_KEY,
         ck.CONFIG_KEY, ck.OPTIMIZER_SPEC_KEY, ck.RECOVERY_KEY, ck.RANKS_KEY, ck.FORMAT_KEY,
         ck.CHECKSUM_KEY,
-        ck.CLASS_WEIGHTS_KEY}
+        ck.CLASS_WEIGHTS_KEY, ck.EMA_KEY, ck.SWA_KEY}
     assert state[ck.FORMAT_KEY] == 1
     assert list(state[ck.RANKS_KEY][0]) == [ck.RNG_KEY, ck.EPOCH_SUMS_KEY, ck.GUARD_KEY,
                                             ck.LOADER_RNG_KEY]
@@ -202,6 +202,7 @@ def test_a_run_checkpoint_holds_exactly_the_tables_keys(tmp_path):
     assert state[ck.EARLY_STOPPING_KEY] is None and state[ck.AUGMENTATION_KEY] is None
     assert state[ck.EPOCH_ORDER_KEY] is None and state[ck.RANKS_KEY][0][ck.EPOCH_SUMS_KEY] is None
     assert state[ck.CLASS_WEIGHTS_KEY] is None
+    assert state[ck.EMA_KEY] is None and state[ck.SWA_KEY] is None
 
 
 # ---------------------------------------------------------------- format 1 from the old code

@@ -35,6 +35,7 @@ __all__ = [
     "OPTIMIZER_KEY", "PRECISION_KEY", "RNG_KEY", "SCHEDULER_KEY", "STEP_KEY", "BEST_KEY",
     "RECOVERY_KEY", "RANKS_KEY", "EPOCH_ORDER_KEY", "OPTIMIZER_SPEC_KEY", "GLOBAL_STEP_KEY",
     "CHECK_FROM_KEY", "EPOCH_SUMS_KEY", "LOADER_RNG_KEY", "CLASS_WEIGHTS_KEY", "MIXING_KEY",
+    "EMA_KEY", "SWA_KEY",
     "CheckpointError", "capture_rng", "restore_rng", "save_checkpoint", "load_checkpoint",
     "payload_digest", "rotate_and_save", "find_resumable", "checkpoint_chain",
 ]
@@ -62,6 +63,8 @@ OPTIMIZER_SPEC_KEY = "optimizer_spec"  # the optimizer's type and hyperparameter
 GLOBAL_STEP_KEY = "global_step"        # optimizer steps so far (step checkpoints, checks)
 CHECK_FROM_KEY = "check_from"          # mid-epoch: the batch where the recovery interval began
 CLASS_WEIGHTS_KEY = "class_weights"    # class_weights='balanced': the criterion's weights
+EMA_KEY = "ema"                        # ema_decay: the averaged weights and update count
+SWA_KEY = "swa"                        # swa_start: the averaged weights and epochs averaged
 MIXING_KEY = "mixing"                  # mixup / cutmix: the mixing generator (mixing.py)
 RANKS_KEY = "ranks"                    # one dict per rank, under the keys below
 # per rank (in ``RANKS_KEY``): RNG_KEY, GUARD_KEY and

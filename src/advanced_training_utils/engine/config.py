@@ -133,6 +133,10 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
             "rollback_lr_factor", "divergence_factor"),
     "max_rollbacks": (APPLIES, "the rollbacks already made count against the new limit"),
     "recovery_check_every": (APPLIES, "recovery checks every N optimizer steps from now on"),
+    **_same(APPLIES, "the saved average and its counter are kept; the new value applies from "
+            "the next update", "ema_decay", "ema_warmup", "swa_start"),
+    "eval_ema": (FIXED, "the best value so far was judged on the saved choice of weights "
+                 "(live or averaged)"),
     "dist_timeout": (APPLIES, "the process group of this run"),
     "resume": (NOT_COMPARED, "the option that asks for the resume"),
     "metrics_file": (APPLIES, "the saved history is rewritten to the new file"),
@@ -226,6 +230,11 @@ class TrainConfig:
     max_rollbacks: int = 3
     divergence_factor: float = 3.0
     recovery_check_every: int | None = None
+    # weight averaging (engine/averaging.py)
+    ema_decay: float | None = None  # EMA of the weights after each step taken; None: off
+    ema_warmup: bool = True         # decay min(ema_decay, (1 + n) / (10 + n)) at update n + 1
+    swa_start: int | None = None    # SWA: equal average of epoch ends from this epoch (1-based)
+    eval_ema: bool = False          # validation (and the best epoch) on the averaged weights
     # distribution
     dist_timeout: float = 60.0
     # output
@@ -286,7 +295,7 @@ class TrainConfig:
             check_int("seed", self.seed, low=0)
         for name in ("use_scheduler", "use_mixed_precision", "use_augmentation",
                      "restore_best_weights", "check_stability", "tensorboard", "verbose",
-                     "handle_signals", "recovery"):
+                     "handle_signals", "recovery", "ema_warmup", "eval_ema"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_choice("scheduler_type", self.scheduler_type, SCHEDULER_TYPES)
@@ -332,11 +341,27 @@ class TrainConfig:
             check_int("recovery_check_every", self.recovery_check_every, low=1)
         if not isinstance(self.resume, (bool, str, Path)):
             raise TypeError(f"resume must be a bool or a path, got {self.resume!r}")
+        self._check_averaging()
         self._check_scheduler()
         check_choice("mode", self.mode, MODES)
         self._check_monitor(self._check_metrics())
         self._check_augment_options()
         check_compile_options(self.compile, self.compile_options)
+
+    def _check_averaging(self) -> None:
+        """``ema_decay`` in (0, 1) or None, ``swa_start`` an epoch of the run or None;
+        ``eval_ema`` needs one of them."""
+        if self.ema_decay is not None:
+            check_real("ema_decay", self.ema_decay, low=0.0, high=1.0, low_inclusive=False,
+                       high_inclusive=False)
+        if self.swa_start is not None:
+            check_int("swa_start", self.swa_start, low=1)
+            if self.swa_start > self.epochs:
+                raise ValueError(f"swa_start must be an epoch of the run, 1 to epochs={self.epochs}"
+                                 f" (SWA averages from that epoch's end on), got {self.swa_start}")
+        if self.eval_ema and self.ema_decay is None and self.swa_start is None:
+            raise ValueError("eval_ema=True evaluates the averaged weights: it needs "
+                             "ema_decay= (e.g. 0.999) or swa_start= (an epoch)")
 
     def _check_batch_size_choice(self) -> None:
         """``batch_size_choice``: None, or a finder's record whose micro-batch times

@@ -17,6 +17,7 @@ import torch
 from ..clipping import GradientClipper
 from ..metrics import EpochMetrics, batch_rows
 from ..precision import MixedPrecisionTrainer
+from .averaging import Average, NoAverage
 
 __all__ = ["Parts", "split_batch", "to_device", "train_epoch", "evaluate", "read_sums"]
 
@@ -72,7 +73,9 @@ class Parts:
     ``scheduler`` is stepped per optimizer step when its ``interval`` is ``'batch'`` (a
     ``LearningRateScheduler``, or ``engine.parts.NoSchedule`` with ``interval='never'``);
     ``augment`` is applied to every training batch, ``(inputs, targets) -> (inputs, targets)``
-    (``engine.parts.identity`` when off); validation batches are never augmented.
+    (``engine.parts.identity`` when off); validation batches are never augmented;
+    ``average`` is updated after each optimizer step with the guard's verdict (the EMA of
+    ``engine/averaging.py``; ``NoAverage``, an empty method, when off).
     """
 
     model: torch.nn.Module
@@ -87,6 +90,7 @@ class Parts:
     accumulation_steps: int = 1
     metrics: EpochMetrics = field(default_factory=EpochMetrics)  # validation metrics
     module: torch.nn.Module | None = None   # the unwrapped model when ``model`` is DDP
+    average: Average = field(default_factory=NoAverage)  # per-step weight average (EMA)
     val_model: Callable[[Any], Any] | None = None  # validation's forward (compile=True)
 
     @property
@@ -289,6 +293,7 @@ def _close_window(p: Parts, w: _Window, sums: EpochSums, done: int,
     norm = p.clipper.clip(p.inner)
     bad = p.monitor.is_bad(loss, norm)
     stepped = p.monitor.step(bad)
+    p.average.step(bad)  # not on a skipped step (masked on the device); off: an empty method
     p.precision.update()
     sums.optimizer_steps += 1
     if p.scheduler.interval == "batch":
@@ -300,24 +305,27 @@ def _close_window(p: Parts, w: _Window, sums: EpochSums, done: int,
 
 
 @torch.no_grad()
-def evaluate(parts: Parts, loader: Iterable[Any]) -> EpochSums:
+def evaluate(parts: Parts, loader: Iterable[Any], model: torch.nn.Module | None = None
+             ) -> EpochSums:
     """Mean loss and metrics over ``loader`` in eval mode, under the same autocast.
 
-    Runs the unwrapped model (``parts.evaluated``: ``parts.inner``, compiled with
-    ``compile=True``): under DDP, evaluation makes no collective, so
+    Runs ``model`` if given (the averaged weights' own module, ``eval_ema``), else the
+    unwrapped model (``parts.evaluated``: ``parts.inner``, compiled with ``compile=True``):
+    under DDP, evaluation makes no collective, so
     ranks may hold validation shards of different lengths (the caller syncs buffers first).
     The metrics (``parts.metrics``) are reset, then updated per batch with tensor operations
     only (no host read for the built-ins); :func:`read_sums` computes them once.
     """
     p = parts
     p.model.eval()
+    net = p.evaluated if model is None else model.eval()
     sums = EpochSums.zeros(p.device)
     sums.metrics = p.metrics
     p.metrics.reset()  # torchmetrics objects too: each epoch is computed on its own
     for batch in loader:
         x, y = split_batch(batch)
         x, y = to_device(x, p.device), to_device(y, p.device)
-        out, loss = _forward(p, x, y, f"validation batch {sums.batches}", p.evaluated)
+        out, loss = _forward(p, x, y, f"validation batch {sums.batches}", net)
         sums.add(loss, batch_rows(y))
         p.metrics.update(out, y)
     return sums

@@ -135,6 +135,10 @@ class TrainOptions(TypedDict, total=False):
     max_rollbacks: int
     divergence_factor: float
     recovery_check_every: int | None
+    ema_decay: float | None
+    ema_warmup: bool
+    swa_start: int | None
+    eval_ema: bool
     dist_timeout: float
     resume: bool | str | Path
     metrics_file: Path | str | None

@@ -7,7 +7,7 @@ of stateful parts (:mod:`.state`) that checkpoints, resumes and recovery's snaps
 A feature that is off is a no-op object, so that neither the loop nor the run tests for None:
 no scheduler is :class:`NoSchedule` (``interval='never'``), no early stopping is
 :class:`NoEarlyStopping`, no augmentation and no mixing is :func:`identity` (and
-:class:`~.state.NoState` in the table).
+:class:`~.state.NoState` in the table), no weight average is :class:`~.averaging.NoAverage`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from ..mixing import BatchMixing
 from ..precision import MixedPrecisionTrainer
 from ..scheduler import LearningRateScheduler
 from . import distributed
+from .averaging import EMA, SWA, Average, NoAverage
 from .balance import ClassWeights, balanced_loader, weigh_criterion
 from .compiled import compile_forward, unwrap_compiled
 from .config import TrainConfig
@@ -36,7 +37,7 @@ from .dataorder import ResumableLoader, make_resumable
 from .health.guard import StepGuard
 from .health.monitor import DivergenceMonitor
 from .health.recovery import Recovery
-from .loop import Parts
+from .loop import Parts, split_batch, to_device
 from .prepare import (
     BatchFn,
     FirstBatchCheck,
@@ -202,6 +203,9 @@ class RunParts:
     table: dict[str, Stateful]        # the checkpoint's parts (main rank)
     rank: RankState                   # this rank's entry of the checkpoint's ranks
     class_weights: ClassWeights       # the criterion's class weights (balance.py; off: None)
+    ema: Average                      # ema_decay: per-step EMA (averaging.py; off: NoAverage)
+    swa: Average                      # swa_start: per-epoch SWA (off: NoAverage)
+    eval_average: Average             # eval_ema: the average validation runs on (else NoAverage)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -256,12 +260,16 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
         log.warning("no val_loader: early stopping / plateau scheduling follow the training loss")
     net = ctx.wrap(model, device)
     fwd, val_fwd = _forwards(cfg, net, model)  # compile=True: compiled forwards (compiled.py)
+    loader = make_resumable(train_loader, (val_loader,))
+    ema, swa, eval_average = _build_averages(cfg, model, loader, device, val_loader is not None)
     snapshot: dict[str, Stateful] = {   # what a rollback restores
         ck.MODEL_KEY: model,
         ck.OPTIMIZER_KEY: optimizer,
         ck.SCHEDULER_KEY: scheduler,
         ck.PRECISION_KEY: precision,
         ck.CLIPPER_KEY: KeepSettings(clipper, "max_norm", "norm_type"),  # the run's threshold
+        ck.EMA_KEY: ema,                # the averages roll back with the weights
+        ck.SWA_KEY: swa,
     }
     recovery = Recovery(snapshot, model, optimizer, scheduler, guard, enabled=cfg.recovery,
                         rollback_after=cfg.rollback_after, lr_factor=cfg.rollback_lr_factor,
@@ -272,8 +280,7 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
                   augment=_then_mix(augment, mixing), device=device,
                   accumulation_steps=cfg.accumulation_steps, metrics=metrics,
                   module=model if fwd is not model else None,
-                  val_model=val_fwd if val_fwd is not model else None)
-    loader = make_resumable(train_loader, (val_loader,))
+                  val_model=val_fwd if val_fwd is not model else None, average=ema)
     progress = RunProgress(best_loss=selection.worst)
     position = EpochPosition(loader, progress)
     table: dict[str, Stateful] = {  # the checkpoint: one line per stateful part
@@ -293,7 +300,36 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
                     steps=steps, scheduler=scheduler, early=early, monitor=monitor,
                     first_check=first_check, selection=selection, progress=progress,
                     position=position, table=table, rank=RankState(guard, position, device),
-                    class_weights=class_weights)
+                    class_weights=class_weights, ema=ema, swa=swa, eval_average=eval_average)
+
+
+def _build_averages(cfg: TrainConfig, model: torch.nn.Module, loader: ResumableLoader,
+                    device: torch.device, has_val: bool) -> tuple[Average, Average, Average]:
+    """The EMA, the SWA and the one validation runs on (``eval_ema``: SWA when on, else the
+    EMA; the live model without a val_loader), each a no-op when off."""
+    ema: Average = (EMA(model, cfg.ema_decay, cfg.ema_warmup, skip_bad=cfg.recovery)
+                    if cfg.ema_decay is not None else NoAverage())
+    swa: Average = (SWA(model, cfg.swa_start, lambda: _bn_inputs(loader, device))
+                    if cfg.swa_start is not None else NoAverage())
+    if cfg.eval_ema and not has_val:
+        log.warning("eval_ema=True without a val_loader: the best epoch follows the live "
+                    "model's training loss")
+    eval_average = (swa if cfg.swa_start is not None else ema) if cfg.eval_ema and has_val \
+        else NoAverage()
+    return ema, swa, eval_average
+
+
+def _bn_inputs(loader: ResumableLoader, device: torch.device) -> Iterator[Any]:
+    """The training loader's inputs (on ``device``) for SWA's batch-norm pass, read from the
+    loader the user gave (not the resumable wrapper: the recorded epoch order is untouched);
+    every random state it draws from (global RNGs, the loaders' generators) is restored when
+    the pass ends, so the run's data order and random draws are those of a run without it."""
+    state = loader.rng_state()
+    try:
+        for batch in loader.original:
+            yield to_device(split_batch(batch)[0], device)
+    finally:
+        loader.load_rng_state(state)
 
 
 def _forwards(cfg: TrainConfig, net: torch.nn.Module, model: torch.nn.Module

@@ -14,7 +14,10 @@ named method of ``_Run``:
    recovery checks, step checkpoints and preemption), evaluate, read the epoch's numbers once
    (the divergence monitor may roll back here), then the decisions: step the LR, keep the best
    weights, count for early stopping, stability checks; record the history row, ask the
-   ``on_epoch_end`` callback (the one extension point: :meth:`_Run.call_back`), save;
+   ``on_epoch_end`` callback (the one extension point: :meth:`_Run.call_back`), save; with
+   weight averaging (:mod:`.averaging`) the EMA updates after each step the guard took, SWA
+   averages at the end of each training epoch from ``swa_start`` on, and with ``eval_ema``
+   validation runs on the averaged copy (the live model is never swapped);
 5. the result: the best weights restored (unless ``restore_best_weights=False``) and a dict.
 
 Devices: ``'auto'`` picks CUDA, then MPS, then CPU. ``'cuda'`` on a machine without CUDA logs a
@@ -61,13 +64,10 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- the function
-def train_model_advanced(
-    model: torch.nn.Module,
-    train_loader: Iterable[Any],
-    val_loader: Iterable[Any] | None = None,
-    criterion: Callable[..., torch.Tensor] | None = None,
-    **options: Unpack[TrainOptions],
-) -> dict[str, Any]:
+def train_model_advanced(model: torch.nn.Module, train_loader: Iterable[Any],
+                         val_loader: Iterable[Any] | None = None,
+                         criterion: Callable[..., torch.Tensor] | None = None,
+                         **options: Unpack[TrainOptions]) -> dict[str, Any]:
     """Train ``model`` with scheduling, clipping, mixed precision, augmentation, early stopping,
     stability checks, a bad-step guard with divergence recovery, and crash-safe checkpoints.
 
@@ -105,7 +105,8 @@ def train_model_advanced(
             path), ``checkpoint_every_n_steps``, ``keep_last``, ``handle_signals``,
             ``metrics_file``, ``tensorboard``. Recovery: ``recovery``, ``spike_factor``,
             ``spike_window``, ``rollback_after``, ``rollback_lr_factor``, ``max_rollbacks``,
-            ``divergence_factor``, ``recovery_check_every``. Under torchrun: ``dist_timeout``.
+            ``divergence_factor``, ``recovery_check_every``. Weight averaging (:mod:`.averaging`):
+            ``ema_decay``, ``ema_warmup``, ``swa_start``, ``eval_ema``. DDP: ``dist_timeout``.
 
     Returns:
         dict with ``best_epoch`` (1-based; 0: none improved), ``monitor``, ``best_metric`` (its best
@@ -113,7 +114,8 @@ def train_model_advanced(
         ``stopped_early``, ``stopped_by_callback``, ``epochs_run``, ``best_checkpoint`` and
         ``last_checkpoint`` (paths or None), ``grad_stats`` (the clipper's statistics over the run),
         ``stability`` (the last check's findings or None), ``skipped_steps``, ``rollbacks``,
-        ``recovery_events``, ``class_weights`` (floats, or None).
+        ``recovery_events``, ``class_weights`` (floats, or None), ``best_weights`` and
+        ``averaged_weights`` (see :mod:`.averaging`).
 
     Raises:
         TypeError / ValueError: bad options, model, loaders, labels or criterion, named; or a
@@ -249,7 +251,8 @@ class _Run:
         load_parts(p.table, state)
         prog = p.progress
         if self.cfg.restore_best_weights:  # a damaged _best.pt falls back with a warning
-            best = self.files.best_weights(prog.best_epoch, state, map_location=p.steps.device)
+            best = self.files.best_weights(prog.best_epoch, state, map_location=p.steps.device,
+                                           entry=prog.best_kind)
             prog.best_weights = plain_keys(best, path) if best is not None else None
         p.rank.load_state_dict(ranks[ctx.rank])
         self.files.rewrite_metrics(prog.history)
@@ -278,6 +281,7 @@ class _Run:
                             progress=self.bar.update, epoch=epoch)
         if train.batches == 0:
             raise ValueError("train_loader yielded no batch this epoch")
+        p.swa.end_epoch(epoch)  # SWA averages the epoch's end weights (a no-op when off)
         return train
 
     def _after_step(self, epoch: int, preempt: PreemptionHandler, done: int,
@@ -306,7 +310,10 @@ class _Run:
         if p.val_loader is None:
             return None
         self.ctx.sync_buffers(p.model)  # evaluation runs without DDP (uneven val shards)
-        val = evaluate(p.steps, p.val_loader)
+        averaged = p.eval_average.module()  # eval_ema: the average's own copy; else None (live)
+        if averaged is not None:
+            self.ctx.sync_buffers(averaged)  # SWA's batch-norm pass ran on each rank's shard
+        val = evaluate(p.steps, p.val_loader, averaged)
         if not self.ctx.any_host(val.examples > 0):
             raise ValueError("val_loader is empty: it yielded no batch; pass val_loader=None "
                              "to follow the training loss instead")
@@ -341,15 +348,17 @@ class _Run:
     def keep_best(self, epoch: int, monitored: float, event: RecoveryEvent | None) -> bool:
         """Whether the epoch is the new best (the monitored value finite, better in ``mode`` by
         more than ``min_delta``, no rollback); then its weights are kept (with
-        ``restore_best_weights``)."""
-        prog = self.parts.progress
-        improved = event is None and self.parts.selection.improved(
+        ``restore_best_weights``): the weights validation ran on, live or averaged."""
+        p, prog = self.parts, self.parts.progress
+        improved = event is None and p.selection.improved(
             monitored, prog.best_loss, self.cfg.min_delta)
         if improved:
             prog.best_loss, prog.best_epoch = monitored, epoch
+            prog.best_kind = p.eval_average.holds
             if self.cfg.restore_best_weights:
-                prog.best_weights = {k: v.detach().clone()
-                                     for k, v in self.parts.model.state_dict().items()}
+                weights = (p.model.state_dict() if prog.best_kind == "model"
+                           else p.eval_average.weights())
+                prog.best_weights = {k: v.detach().clone() for k, v in weights.items()}
         return improved
 
     def stop_early(self, monitored: float) -> None:
@@ -470,6 +479,9 @@ class _Run:
             "rollbacks": p.monitor.rollbacks,
             "recovery_events": [e.as_dict() for e in p.monitor.events],
             "class_weights": p.class_weights.as_list(),
+            "best_weights": prog.best_kind,
+            "averaged_weights": {a.kind: a.weights() for a in (p.ema, p.swa)
+                                 if a.holds != "model"},
         }
 
     def _best_val_loss(self) -> float:

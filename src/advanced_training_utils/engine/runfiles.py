@@ -132,13 +132,18 @@ class RunFiles:
             self.failures = _failed("checkpoint", "previous checkpoint kept", self.failures,
                                     self.last, e)
 
-    def best_weights(self, best_epoch: int, resumed: dict[str, Any], map_location: Any = "cpu"
-                     ) -> dict[str, Any] | None:
+    def best_weights(self, best_epoch: int, resumed: dict[str, Any], map_location: Any = "cpu",
+                     entry: str = ck.MODEL_KEY) -> dict[str, Any] | None:
         """The model weights of epoch ``best_epoch`` (for ``restore_best_weights`` after a
         resume): from the resumed checkpoint when it is that epoch's end, else from ``_best.pt``,
         else from any intact ``_last*.pt`` of that epoch's end. A damaged or mismatched file is
         skipped with a warning; None (with a warning) when no intact file holds them.
+        ``entry``: the checkpoint key holding them (``ema``/``swa``: the average's
+        ``'weights'``, when the best epoch was judged on it).
         """
+        def weights(obj: dict[str, Any]) -> dict[str, Any]:
+            return obj[entry] if entry == ck.MODEL_KEY else obj[entry]["weights"]
+
         def is_best(obj: dict[str, Any]) -> bool:
             return (int(obj.get(ck.EPOCH_KEY, -1)) == best_epoch
                     and int(obj.get(ck.STEP_KEY, -1)) == 0)
@@ -146,7 +151,7 @@ class RunFiles:
         if best_epoch <= 0:
             return None
         if is_best(resumed):
-            return resumed[ck.MODEL_KEY]
+            return weights(resumed)
         candidates = [self.best] if self.best is not None else []
         if self.last is not None:
             candidates += ck.checkpoint_chain(self.last, max(self.keep_last, 8))
@@ -159,7 +164,7 @@ class RunFiles:
                 log.warning("restore_best_weights: skipping %s", e)
                 continue
             if is_best(obj):
-                return obj[ck.MODEL_KEY]
+                return weights(obj)
         log.warning("restore_best_weights: no intact checkpoint holds the weights of the best "
                     "epoch %d; unless a later epoch improves, the run ends with its last weights",
                     best_epoch)

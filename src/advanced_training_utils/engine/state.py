@@ -141,6 +141,10 @@ class RunProgress:
 
     ``best_weights`` (a copy of the best epoch's weights, for ``restore_best_weights``) is not
     saved: ``_best.pt`` holds them (see :meth:`.runfiles.RunFiles.best_weights`).
+    ``best_kind`` says which weights the best epoch was judged on and ``_best.pt`` holds them
+    under: ``'model'`` (the live weights, ``checkpoint.MODEL_KEY``), ``'ema'`` or ``'swa'``
+    (``eval_ema``: the average's entry, ``checkpoint.EMA_KEY`` / ``SWA_KEY``); it is saved
+    as ``best['weights']``.
     """
 
     history: list[HistoryRow] = field(default_factory=list)
@@ -150,6 +154,7 @@ class RunProgress:
     check_from: int = 0      # the batch where the open recovery interval began
     best_loss: float = math.inf
     best_epoch: int = 0      # 1-based; 0: no epoch improved yet
+    best_kind: str = "model"  # the weights the best epoch was judged on: model, ema, swa
     best_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def end_epoch(self, epoch: int, row: HistoryRow) -> None:
@@ -161,7 +166,8 @@ class RunProgress:
         """The progress under its top-level checkpoint keys."""
         return {ck.HISTORY_KEY: list(self.history), ck.EPOCH_KEY: self.epoch,
                 ck.STEP_KEY: self.step,
-                ck.BEST_KEY: {"val_loss": self.best_loss, "epoch": self.best_epoch},
+                ck.BEST_KEY: {"val_loss": self.best_loss, "epoch": self.best_epoch,
+                              "weights": self.best_kind},
                 ck.GLOBAL_STEP_KEY: self.global_step, ck.CHECK_FROM_KEY: self.check_from}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -173,6 +179,7 @@ class RunProgress:
         self.check_from = int(state.get(ck.CHECK_FROM_KEY, self.step)) if self.step else 0
         best = state[ck.BEST_KEY]
         self.best_loss, self.best_epoch = best["val_loss"], best["epoch"]
+        self.best_kind = str(best.get("weights", "model"))  # absent before weight averaging
 
 
 class EpochPosition:
