@@ -122,19 +122,22 @@ def _cost(options: dict[str, Any]) -> float:
 
 
 def _run(task: str, planned: list[tuple[Cell, str, dict[str, Any]]], scale: Scale,
-         scratch: Path, epochs: int) -> list[str]:
-    """Run every planned configuration of ``task`` (the costliest first); the failures."""
+         scratch: Path, epochs: int) -> tuple[list[str], int]:
+    """Run every planned configuration of ``task`` (the costliest first); the failures and
+    how many runs were not finished before."""
     configs: dict[str, dict[str, Any]] = {}
     for _, key, opts in sorted(planned, key=lambda p: -_cost(p[2])):
         configs.setdefault(key, opts)
     if not configs:
-        return []
+        return [], 0
+    todo = sum(not (d / "summary.json").is_file() for key in configs
+               for d in _run_dirs(scratch, task, key, scale.seeds))
     t0 = time.perf_counter()
     res = compare(configs, seeds=scale.seeds, task=task, out=scratch / task, epochs=epochs,
                   jobs=scale.jobs)
     log.info("evidence: %s: %d configurations x %d seeds in %.0f s", task, len(configs),
              scale.seeds, time.perf_counter() - t0)
-    return list(res.failed)
+    return list(res.failed), todo
 
 
 def _run_dirs(scratch: Path, task: str, key: str, seeds: int) -> list[Path]:
@@ -178,21 +181,24 @@ def _phase_plan(studies: list[Study], scale: Scale, ctx: dict[str, Any], phase: 
     return by_task
 
 
-def run_studies(names: list[str], scale: Scale, scratch: Path) -> dict[str, StudyResult]:
+def run_studies(names: list[str], scale: Scale, scratch: Path
+                ) -> tuple[dict[str, StudyResult], int]:
     """Run the studies ``names`` (phase by phase, a task's runs in one comparison) and read
-    their results."""
+    their results; also how many runs were trained (not finished before)."""
     studies = [STUDIES[n] for n in names]
     ctx = _prepare(scale, {s.task for s in studies})
     plan: dict[str, list] = {}
     skipped: dict[str, list[str]] = {}
     failed: list[str] = []
+    trained = 0
     for phase in (1, 2):
         if phase == 2 and any(s.phases >= 2 for s in studies):
             ctx["observed_clip"] = _observed(scratch, scale)
         by_task = _phase_plan(studies, scale, ctx, phase, plan, skipped)
         for task in sorted(by_task, key=lambda t: t != "emotion"):
             epochs = scale.notes_epochs if task == "notes" else scale.epochs
-            failed += _run(task, by_task[task], scale, scratch, epochs)
+            f, n = _run(task, by_task[task], scale, scratch, epochs)
+            failed, trained = failed + f, trained + n
     results = {}
     for st in studies:
         epochs = scale.notes_epochs if st.task == "notes" else scale.epochs
@@ -206,7 +212,7 @@ def run_studies(names: list[str], scale: Scale, scratch: Path) -> dict[str, Stud
             sr.notes.append(f"observed threshold: {ctx['observed_clip']:g} (the median "
                             "per-epoch maximum pre-clip norm of the unclipped stable runs)")
         results[st.name] = sr
-    return results
+    return results, trained
 
 
 def _tables(results: dict[str, StudyResult], scratch: Path) -> None:
@@ -247,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python scripts/evidence.py" + "".join(f" --study {n}" for n in args.study or [])
             + (" --quick" if args.quick else "")}
     t0 = time.perf_counter()
-    results = run_studies(names, scale, scratch)
-    meta.update(wall_seconds=time.perf_counter() - t0, load_after=_load())
+    results, trained = run_studies(names, scale, scratch)
+    meta.update(wall_seconds=time.perf_counter() - t0, load_after=_load(), runs_trained=trained)
+    meta = _keep_timing(meta, scratch / "evidence_meta.json")
     _tables(results, scratch)
     plots = write_plots(results, args.results / stem)
     md = args.results / f"{stem}.md"
@@ -256,6 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     (scratch / "evidence_meta.json").write_text(json.dumps(meta, indent=2, default=str))
     log.info("evidence: wrote %s and %d plots in %.0f s", md, len(plots), meta["wall_seconds"])
     return 1 if any(sr.failed for sr in results.values()) else 0
+
+
+def _keep_timing(meta: dict[str, Any], previous: Path) -> dict[str, Any]:
+    """When this invocation trained nothing (every run was finished), the timing of the one
+    that trained the runs (same command and scale), marked as rewritten now."""
+    try:
+        old = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return meta
+    same = all(old.get(k) == meta[k] for k in ("scale", "command"))
+    if meta["runs_trained"] or not same or not old.get("runs_trained"):
+        return meta
+    return {**old, "rewritten": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def _rel(path: Path) -> str:

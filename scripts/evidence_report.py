@@ -50,18 +50,17 @@ def _extra_columns(sr: StudyResult) -> list[tuple[str, Any]]:
 def study_table(sr: StudyResult) -> str:
     """The study's Markdown table: one row per cell."""
     extra = _extra_columns(sr)
-    to = ("epochs to target" if sr.target is None else
-          f"epochs to val_loss <= {sr.target:.3g} (reached)")
+    if sr.target is not None:
+        extra.insert(0, (f"epochs to val_loss <= {sr.target:.3g} (reached)", lambda c: (
+            "n/a" if not c.runs else f"{_cell(c.epochs_to(sr.target, sr.epochs), 2)} "
+            f"({c.reached(sr.target)}/{len(c.runs)})")))
     head = (["cell", "runs", sr.test_name, "best val_loss", "final val_loss",
-             "gap (val - train)", "s/epoch", to] + [name for name, _ in extra])
+             "gap (val - train)", "s/epoch"] + [name for name, _ in extra])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in sr.cells:
-        ep = c.epochs_to(sr.target, sr.epochs)
-        reach = ("n/a" if sr.target is None or not c.runs else
-                 f"{_cell(ep, 2)} ({c.reached(sr.target)}/{len(c.runs)})")
         row = [c.cell.label, f"{len(c.runs)}/{c.planned}", _cell(c.iv("test_value")),
                _cell(c.iv("best_value")), _cell(c.iv("final_value")), _cell(c.iv("gap"), 2),
-               _mean(c, "s_per_epoch", 3), reach] + [fn(c) for _, fn in extra]
+               _mean(c, "s_per_epoch", 3)] + [fn(c) for _, fn in extra]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -131,12 +130,14 @@ def _header(meta: dict[str, Any]) -> list[str]:
         pass
     import os
 
+    again = (f" (tables rewritten {meta['rewritten']} from the same runs)"
+             if meta.get("rewritten") else "")
     return [
         "# Evidence: the guide's advice, measured",
         "",
         "<!-- written by `make evidence` (scripts/evidence.py); do not edit: rerun it -->",
         f"Measured {meta['started']} on {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-        f", CPU; `{meta['command']}` in {meta['wall_seconds'] / 60:.1f} min wall "
+        f", CPU; `{meta['command']}` in {meta['wall_seconds'] / 60:.1f} min wall{again} "
         f"({s['jobs']} runs at a time, one torch thread each; 1-minute load average "
         f"{meta['load_before']} before, {meta['load_after']} after). {s['seeds']} seeds per cell "
         f"(0..{s['seeds'] - 1}), {s['epochs']} epochs per emotion run and {s['notes_epochs']} "
