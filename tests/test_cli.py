@@ -268,6 +268,9 @@ BAD = [
     (["--set", "batch_size=0"], {}, "batch_size must be >= 1, got 0 (task 'emotion')"),
     (["--set", "batch_size=abc"], {}, "batch_size must be an integer, got 'abc'"),
     (["--set", "per_piece=-2"], {}, "per_piece must be >= 1, got -2"),
+    (["--set", "train_fraction=0"], {}, "train_fraction must be in (0, 1], got 0 (task 'emotion')"),
+    (["--set", "train_fraction=1.5"], {}, "train_fraction must be in (0, 1], got 1.5"),
+    (["--set", "train_fraction=all"], {}, "train_fraction must be a real number, got 'all'"),
     (["--epochs", "0"], {}, "epochs must be >= 1, got 0"),
     (["--seed", "-1"], {}, "seed must be >= 0, got -1"),
     (["--set", "seed=1.5"], {}, "seed must be an integer, got 1.5"),
@@ -514,6 +517,19 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree in /proc")
+def _epochs_checkpointed(out, deadline: float) -> int:
+    """Epochs finished, read once the newest checkpoint holds the last logged one: an epoch's
+    metrics line is written just before its checkpoint, so a signal between the two would find
+    the checkpoint at that epoch (where training did stop), not newer than it."""
+    while True:
+        done = len((out / "metrics.jsonl").read_text().splitlines())
+        last = out / "checkpoints" / "notes_last.pt"
+        if last.is_file() and load_checkpoint(last)[EPOCH_KEY] >= done:
+            return done
+        assert time.monotonic() < deadline, "no checkpoint of the logged epochs"
+        time.sleep(0.05)
+
+
 def test_sigterm_to_the_ddp_launcher_preempts_torchrun_and_every_worker(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep
@@ -534,7 +550,7 @@ def test_sigterm_to_the_ddp_launcher_preempts_torchrun_and_every_worker(tmp_path
         torchrun = kids.get(p.pid, [])
         tree = torchrun + [w for t in torchrun for w in kids.get(t, [])]
         assert len(tree) == 3, tree  # torchrun and its two workers
-        done = len((out / "metrics.jsonl").read_text().splitlines())  # epochs finished
+        done = _epochs_checkpointed(out, deadline)
         os.kill(p.pid, signal.SIGTERM)
         rc = p.wait(timeout=90)
         deadline = time.monotonic() + 30
@@ -542,7 +558,7 @@ def test_sigterm_to_the_ddp_launcher_preempts_torchrun_and_every_worker(tmp_path
             time.sleep(0.2)
         assert not [q for q in tree if _alive(q)], "torchrun or a worker outlived the launcher"
         assert rc == 143
-        # a checkpoint newer than the last epoch finished when the signal was sent: mid-epoch
+        # a checkpoint newer than the last epoch checkpointed before the signal: mid-epoch
         # (the signal came during a training step) or at the next epoch's end (during its
         # validation, when the step position is back at 0)
         ck = load_checkpoint(out / "checkpoints" / "notes_last.pt")

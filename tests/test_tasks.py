@@ -25,7 +25,7 @@ def emotion():
 
 
 def test_every_task_has_options_and_valid_training_defaults():
-    assert TASKS == ("emotion", "notes") == tuple(TASK_TRAIN_DEFAULTS)
+    assert TASKS == ("emotion", "emotion-easy", "notes") == tuple(TASK_TRAIN_DEFAULTS)
     for name in TASKS:
         cfg = TrainConfig.from_options(**TASK_TRAIN_DEFAULTS[name])  # valid train options
         assert cfg.augment in AUGMENT_MODALITIES  # a modality is named, never guessed
@@ -77,3 +77,28 @@ def test_emotion_evaluation_counts_agree(emotion):
     assert r["majority_baseline_accuracy"] == pytest.approx(
         int(torch.bincount(y, minlength=4).max()) / len(y))
     assert r["classes"] == ["happy", "calm", "sad", "tense"]
+
+
+def test_emotion_is_the_varied_variant_and_emotion_easy_the_old_one(emotion):
+    easy = build_task("emotion-easy", 0, {"per_piece": 1})
+    assert (emotion.name, emotion.info["variant"]) == ("emotion", "varied")
+    assert (easy.name, easy.info["variant"]) == ("emotion-easy", "easy")
+    for a, b in ((emotion.test_loader, easy.test_loader), (emotion.val_loader, easy.val_loader)):
+        xa, ya = a.dataset.tensors
+        xb, yb = b.dataset.tensors
+        assert torch.equal(ya, yb) and not torch.equal(xa, xb)  # same clips, other sounds
+    assert TASK_OPTIONS["emotion"] == TASK_OPTIONS["emotion-easy"]
+    assert TASK_TRAIN_DEFAULTS["emotion"] == TASK_TRAIN_DEFAULTS["emotion-easy"]
+
+
+def test_train_fraction_subsets_training_only(emotion):
+    small = build_task("emotion", 0, {"per_piece": 1, "train_fraction": 0.3})
+    n_full, n_small = emotion.info["train_examples"], small.info["train_examples"]
+    assert len(small.train_loader.dataset) == n_small and 0.2 * n_full < n_small < 0.4 * n_full
+    assert small.info["train_fraction"] == 0.3 and emotion.info["train_fraction"] == 1.0
+    for a, b in ((small.val_loader, emotion.val_loader), (small.test_loader, emotion.test_loader)):
+        assert all(torch.equal(x, y) for x, y in zip(a.dataset.tensors, b.dataset.tensors))
+    full_x = emotion.train_loader.dataset.tensors[0].flatten(1)
+    small_x = small.train_loader.dataset.tensors[0].flatten(1)
+    rows = {tuple(r[:8].tolist()) for r in full_x}
+    assert all(tuple(r[:8].tolist()) in rows for r in small_x)  # a subset of the full split

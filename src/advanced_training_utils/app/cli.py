@@ -1,11 +1,12 @@
 """``advtrain``: train the built-in tasks or your own audio, report on a run, list presets.
 
-    advtrain train --task emotion|notes --preset fast|stable|memory_constrained --epochs N
-                   --out DIR [--resume] [--seed S] [--device D] [--config FILE.yaml]
+    advtrain train --task emotion|emotion-easy|notes --preset fast|stable|memory_constrained
+                   --epochs N --out DIR [--resume] [--seed S] [--device D] [--config FILE.yaml]
                    [--set key=value ...] [--nproc-per-node N]
     advtrain train --data path/labels.csv --target emotion [--split-column split]
                    [--group-column speaker] [--path-column path] --out DIR [options as above]
     advtrain train --data path/folder/ --out DIR [options as above]
+    advtrain compare --task T --preset A --preset B --seeds S --out DIR   (see app/compare.py)
     advtrain report DIR [--model-name NAME]
     advtrain tune (--task T | --data D) --space SPACE.yaml --trials N --out DIR [...] (app/tune)
     advtrain lr-find (--task T | --data D) --out DIR [--repeats R] [options as above]
@@ -19,7 +20,12 @@ then the explicit flags (``--epochs``, ``--seed``, ``--device``). ``seed`` follo
 (``--seed`` > ``--set seed=`` > the config file > 0). A run directory holds ``checkpoints/``,
 ``metrics.jsonl``, ``summary.json``, ``report.png`` and ``diagnosis.txt`` (and, for the report,
 ``train_samples.npz``: a few training spectrograms; ``test_predictions.npz`` for regression).
-Classification runs (``--task emotion`` and ``--data``) hold ``"test": {"uar", "macro_f1",
+The built-in tasks (:mod:`.tasks`): ``emotion`` (the default; chorale clips in their own keys,
+a timbre, reverb and noise drawn per clip; task options ``batch_size``, ``per_piece`` and
+``train_fraction``, a seeded share of the training melodies in (0, 1]), ``emotion-easy`` (the same
+clips in C with one timbre: ~0.99 accuracy) and ``notes``.
+
+Classification runs (``--task emotion``, ``emotion-easy`` and ``--data``) hold ``"test": {"uar", "macro_f1",
 "accuracy", "per_class_recall", "confusion_matrix", "class_names"}`` in summary.json.
 
 ``--data`` (instead of ``--task``) trains on your own audio (:mod:`.usertask`): a labels CSV
@@ -66,7 +72,8 @@ import yaml
 from ..engine.config import AMBIGUOUS, TrainConfig
 from ..engine.presets import PRESET_ALIASES, PRESETS, get_preset
 
-__all__ = ["main", "build_parser", "resolve_options", "write_report"]
+__all__ = ["main", "build_parser", "layer_options", "resolve_options", "train_run",
+           "write_report"]
 
 log = logging.getLogger("advanced_training_utils.app.cli")
 
@@ -161,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "report.png, diagnosis.txt.",
                        epilog=_TRAIN_EPILOG, formatter_class=_HelpFormatter)
     t.add_argument("--task", choices=TASKS, default=None,
-                   help="the built-in task; not with --data (default: emotion)")
+                   help="the built-in task; not with --data (default: emotion: clips in "
+                   "their own keys, several timbres; emotion-easy: all in C, one timbre; "
+                   "--set train_fraction=0.1 trains on 10%% of the training melodies)")
     d = t.add_argument_group("your own audio (instead of --task)")
     d.add_argument("--data", type=Path, default=None,
                    help="a labels .csv (paths relative to its folder) or a folder with one "
@@ -201,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model-name", default=None,
                    help="which NAME_metrics.jsonl to read when the directory holds several "
                    "(default: the only one)")
-    from . import lrfind
+    from . import compare, lrfind
 
     lrfind.add_parser(sub)
+    compare.add_parser(sub)
     sub.add_parser("presets", help="list the presets and their options",
                    description="List the presets and their options.",
                    epilog=_PRESETS_EPILOG, formatter_class=_HelpFormatter)
@@ -355,7 +365,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _check_task_options(task: str, options: dict[str, Any]) -> None:
     """The task's own options (``batch_size``, ``per_piece``...), checked before any data."""
-    from .._validate import check_int
+    from .._validate import check_int, check_real
     from .usertask import AUDIO_TASK, check_audio_options
 
     try:
@@ -365,6 +375,9 @@ def _check_task_options(task: str, options: dict[str, Any]) -> None:
             check_int("batch_size", options["batch_size"], low=1)
         if options.get("per_piece") is not None:
             check_int("per_piece", options["per_piece"], low=1)
+        if "train_fraction" in options:
+            check_real("train_fraction", options["train_fraction"], low=0.0, high=1.0,
+                       low_inclusive=False)
     except (TypeError, ValueError) as e:
         raise CLIError(f"{e} (task {task!r})") from None
 
@@ -376,52 +389,69 @@ def resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
         CLIError: an unknown preset or key, invalid or oversized YAML, or a bad value (the
             whole :class:`TrainConfig` and the task's options are validated here).
     """
+    plan = audio_plan(args)
+    layers = []
+    if args.config is not None:
+        layers.append((f"--config {args.config}", _read_config(args.config)))
+    layers.append(("--set", _parse_sets(args.sets)))
+    return layer_options(task_name(args), plan, args.preset, layers, epochs=args.epochs,
+                         device=args.device, seed=args.seed, quiet=args.quiet,
+                         nproc_per_node=getattr(args, "nproc_per_node", 1))
+
+
+def layer_options(task: str, plan: Any, preset: str, layers: list[tuple[str, dict[str, Any]]],
+                  *, epochs: int | None = None, device: str | None = None,
+                  seed: int | None = None, quiet: bool = False, nproc_per_node: int = 1
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The options of one run, later wins: the task's defaults, ``preset``, each of ``layers``
+    (``(where, options)``: ``where`` names the source in error messages), then ``epochs``,
+    ``device`` and ``seed`` when given (``nproc_per_node``: the processes that will train it,
+    for ``batch_size='auto'``). ``plan`` is the :class:`~.usertask.AudioPlan` of
+    ``--data`` (None for a built-in task). Returns (train options, task options), all checked.
+
+    Raises:
+        CLIError: an unknown preset or key, or a bad value.
+    """
     from .tasks import TASK_TRAIN_DEFAULTS
     from .usertask import AUDIO_TASK, train_defaults
 
-    task = task_name(args)
-    plan = audio_plan(args)
-    if args.preset not in PRESETS and args.preset not in PRESET_ALIASES:
-        raise CLIError(f"unknown preset {args.preset!r}; valid presets: "
+    if preset not in PRESETS and preset not in PRESET_ALIASES:
+        raise CLIError(f"unknown preset {preset!r}; valid presets: "
                        + ", ".join([*PRESETS, *PRESET_ALIASES]))
     defaults = train_defaults(plan) if task == AUDIO_TASK else TASK_TRAIN_DEFAULTS[task]
-    merged: dict[str, Any] = {**defaults, **get_preset(args.preset)}
-    if args.config is not None:
-        loaded = _read_config(args.config)
-        _check_keys(f"--config {args.config}", loaded, task)
-        merged.update(loaded)
-    sets = _parse_sets(args.sets)
-    _check_keys("--set", sets, task)
-    merged.update(sets)
-    if args.epochs is not None:
-        merged["epochs"] = args.epochs
-    if args.device is not None:
-        merged["device"] = args.device
-    if args.seed is not None:
-        merged["seed"] = args.seed
+    merged: dict[str, Any] = {**defaults, **get_preset(preset)}
+    for where, options in layers:
+        _check_keys(where, options, task)
+        merged.update(options)
+    if epochs is not None:
+        merged["epochs"] = epochs
+    if device is not None:
+        merged["device"] = device
+    if seed is not None:
+        merged["seed"] = seed
     if merged.get("seed") is None:
         merged["seed"] = DEFAULT_SEED
     task_opts = {k: merged.pop(k) for k in list(merged) if k in _task_options(task)
                  and k not in {f.name for f in dataclasses.fields(TrainConfig)}}
     _check_task_options(task, task_opts)
-    merged["verbose"] = not args.quiet and merged.get("verbose", True)
+    merged["verbose"] = not quiet and merged.get("verbose", True)
     try:
         TrainConfig.from_options(**merged)
     except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None
     _check_class_weights(task, plan, merged)
-    _check_batch_options(task, task_opts, merged, args)
+    _check_batch_options(task, task_opts, merged, nproc_per_node)
     return merged, task_opts
 
 
 def _check_batch_options(task: str, task_opts: dict[str, Any], options: dict[str, Any],
-                         args: argparse.Namespace) -> None:
+                         nproc_per_node: int) -> None:
     """``batch_size='auto'`` and ``memory_budget`` (:mod:`.batchsize`), before any work."""
     from .batchsize import check_batch_options
 
     try:
         check_batch_options(task_opts, options.get("device", "auto"),
-                            getattr(args, "nproc_per_node", 1))  # lr-find, tune: one process
+                            nproc_per_node)  # lr-find, tune, compare: one process
     except (TypeError, ValueError) as e:
         raise CLIError(f"{e} (task {task!r})") from None
 
@@ -499,7 +529,12 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _build(args: argparse.Namespace, name: str, seed: int, task_opts: dict[str, Any]) -> Any:
-    """The :class:`~.tasks.Task` of the command: a built-in one, or one over ``--data``.
+    """The :class:`~.tasks.Task` of the command: a built-in one, or one over ``--data``."""
+    return _build_task(audio_plan(args), name, seed, task_opts)
+
+
+def _build_task(plan: Any, name: str, seed: int, task_opts: dict[str, Any]) -> Any:
+    """Task ``name``, over ``plan`` (the :class:`~.usertask.AudioPlan`) for ``--data``.
     A data error found while reading the audio (every training file unusable, a split left
     empty...) is a :class:`CLIError`."""
     from .tasks import build_task
@@ -508,7 +543,7 @@ def _build(args: argparse.Namespace, name: str, seed: int, task_opts: dict[str, 
     if name != AUDIO_TASK:
         return build_task(name, seed, task_opts)
     try:
-        return build_audio_task(audio_plan(args), seed, task_opts)
+        return build_audio_task(plan, seed, task_opts)
     except (OSError, ValueError) as e:
         raise CLIError(str(e)) from None
 
@@ -545,12 +580,7 @@ def _out_dir(text: str) -> Path:
 
 
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
-    import torch
-
     from ..engine.distributed import env_world_size
-    from ..engine.run import resolve_device, train_model_advanced
-    from .batchsize import apply_auto, build_options
-    from .report.samples import save_train_samples
 
     if args.nproc_per_node < 1:
         raise CLIError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
@@ -558,16 +588,46 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
         resolve_options(args)  # report option errors before launching anything
         return _launch(args, argv)
     options, task_opts = resolve_options(args)
-    name = task_name(args)
-    out: Path = args.out
+    summary, text = train_run(args.out, task_name(args), options, task_opts,
+                              plan=audio_plan(args), preset=args.preset,
+                              resume=bool(args.resume))
+    if summary is None:
+        return 0  # rank 0 evaluates and writes the summary and report
+    print(_headline(summary))
+    print(text)
+    return 0
+
+
+def train_run(out: Path, name: str, options: dict[str, Any], task_opts: dict[str, Any], *,
+              plan: Any = None, preset: str, resume: bool, report: bool = True
+              ) -> tuple[dict[str, Any] | None, str]:
+    """One run directory, as ``advtrain train`` writes it: build task ``name`` (over ``plan``,
+    the :class:`~.usertask.AudioPlan`, for ``--data``), train it with ``options`` (checked, as
+    :func:`layer_options` returns them) into ``out``, evaluate, write ``summary.json`` (last,
+    atomically: a run directory whose summary.json is readable is finished) and, with
+    ``report``, the report (``advtrain report`` writes it later otherwise).
+
+    Returns:
+        (the summary, the diagnosis text or ""); (None, "") on a rank other than 0 under DDP.
+
+    Raises:
+        CLIError: ``out`` holds another task's run, or a data error.
+    """
+    import torch
+
+    from ..engine.distributed import env_world_size
+    from ..engine.run import resolve_device, train_model_advanced
+    from ..safeio import atomic_write
+    from .batchsize import apply_auto, build_options
+    from .report.samples import save_train_samples
+
     ckpt_dir = out / "checkpoints"
-    _check_out(out, name, bool(args.resume))
+    _check_out(out, name, resume)
     t0 = time.perf_counter()
     default_batch = _task_options(name)["batch_size"]
-    task = _build(args, name, options["seed"], build_options(task_opts, default_batch))
+    task = _build_task(plan, name, options["seed"], build_options(task_opts, default_batch))
     try:
-        options = apply_auto(task, options, task_opts, default_batch, ckpt_dir, name,
-                             bool(args.resume))
+        options = apply_auto(task, options, task_opts, default_batch, ckpt_dir, name, resume)
     except (ValueError, torch.OutOfMemoryError) as e:  # nothing fits; another target on resume
         raise CLIError(str(e)) from None
     data_seconds = time.perf_counter() - t0
@@ -576,24 +636,22 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     res = train_model_advanced(
         task.model, task.train_loader, task.val_loader, task.criterion,
         checkpoint_dir=ckpt_dir, model_name=name, metrics_file=out / "metrics.jsonl",
-        resume=bool(args.resume), **options)
+        resume=resume, **options)
     if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # rank 0 evaluates and writes the summary and report
+        return None, ""
     device = resolve_device(options.get("device", "auto"))
     if options.get("augment") == "audio":  # spectrogram inputs: a few for the report
         save_train_samples(task.train_loader, out)
-    summary = {"task": name, "preset": args.preset, **_run_summary(res, options, device),
+    summary = {"task": name, "preset": preset, **_run_summary(res, options, device),
                **task.evaluate_test(task.model, device, out),
                "world_size": env_world_size(), "data": task.info,
                "data_seconds": round(data_seconds, 2),
                "wall_seconds": round(time.perf_counter() - t0, 2),
                "options": TrainConfig.from_options(**options).to_plain(),
                "task_options": task_opts}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    text = write_report(out)
-    print(_headline(summary))
-    print(text)
-    return 0
+    text = json.dumps(summary, indent=2, default=str) + "\n"
+    atomic_write(out / "summary.json", lambda f: f.write(text.encode()))
+    return summary, write_report(out) if report else ""
 
 
 def _brief(info: dict[str, Any]) -> dict[str, Any]:
@@ -620,8 +678,8 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 
 def _headline(s: dict[str, Any]) -> str:
-    if s["task"] == "emotion":
-        return (f"emotion: held-out test accuracy {s['test_accuracy']:.3f} on "
+    if s["task"] in ("emotion", "emotion-easy"):
+        return (f"{s['task']}: held-out test accuracy {s['test_accuracy']:.3f} on "
                 f"{s['test_examples']} clips (majority class {s['majority_baseline_accuracy']:.3f}); "
                 f"best epoch {s['best_epoch']}/{s['epochs_run']}; {s['wall_seconds']:.0f}s")
     if s["task"] == "notes":
@@ -769,6 +827,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args, argv)
+        if args.command == "compare":
+            from . import compare
+
+            return compare.main(args)
         if args.command == "tune":
             from . import tune
 

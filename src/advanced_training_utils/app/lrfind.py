@@ -1,6 +1,6 @@
 """``advtrain lr-find``: the LR range test on a built-in task or your audio, with its plot.
 
-    advtrain lr-find (--task emotion|notes | --data PATH [CSV options]) --out DIR
+    advtrain lr-find (--task emotion|emotion-easy|notes | --data PATH [CSV options]) --out DIR
                      [--preset P] [--config FILE.yaml] [--set key=value ...] [--seed S]
                      [--device D] [--repeats R] [--num-steps N] [--min-lr A] [--max-lr B]
 

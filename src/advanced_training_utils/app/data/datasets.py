@@ -1,7 +1,11 @@
 """The two built-in tasks made from the Bach chorales.
 
 * :func:`emotion_dataset`: rendered 4-second clips as log-mel spectrograms ``[1, 64, 251]`` with
-  a 4-class emotion label (happy / calm / sad / tense) and valence/arousal values.
+  a 4-class emotion label (happy / calm / sad / tense) and valence/arousal values. Two variants
+  (:data:`EMOTION_VARIANTS`): ``"varied"`` (task ``emotion``) keeps each piece's own key and draws
+  a timbre, reverb and noise per clip (:mod:`.timbres`); ``"easy"`` (task ``emotion-easy``)
+  transposes every clip to C and renders it with one timbre. Valence is the mode and arousal the
+  tempo in both: the easy variant can be told by absolute pitch bands and one spectrum.
 * :func:`notes_dataset`: emotion embeddings ``[3]`` (valence, arousal, density) -> note
   probabilities ``[128]``.
 
@@ -22,16 +26,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..._validate import check_choice, check_real
 from ..audio.logmel import LogMel
 from .chorales import Chorales, load_chorales
 from .render import render_notes
+from .timbres import apply_rooms, draw_rooms, render_timbre, tone_tables
 
-__all__ = ["EMOTION_CLASSES", "Window", "chorale_windows", "emotion_clips", "emotion_dataset",
-           "notes_dataset", "melody_splits", "cache_dir", "SLOW_BPM", "FAST_BPM"]
+__all__ = ["EMOTION_CLASSES", "EMOTION_VARIANTS", "Window", "chorale_windows", "emotion_clips",
+           "emotion_dataset", "notes_dataset", "melody_splits", "training_subset", "cache_dir",
+           "SLOW_BPM", "FAST_BPM"]
 
 log = logging.getLogger(__name__)
 
 EMOTION_CLASSES = ("happy", "calm", "sad", "tense")
+#: ``"varied"``: original keys, a timbre and room per clip; ``"easy"``: in C, one timbre.
+EMOTION_VARIANTS = ("varied", "easy")
 SLOW_BPM = (50.0, 70.0)
 FAST_BPM = (140.0, 180.0)
 SPLIT_SEED = 2024
@@ -44,12 +53,13 @@ _KK_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69
 
 @dataclass(frozen=True)
 class Window:
-    """Two bars of one chorale, transposed so that the piece's tonic is C."""
+    """Two bars of one chorale, transposed so that the piece's tonic is C (unless
+    :func:`chorale_windows` was asked to keep the key)."""
 
     piece: int
     start: int                  # in 16ths, in the original piece
     length: int                 # in 16ths
-    notes: np.ndarray           # [N, 3] (onset in window, duration, pitch), transposed
+    notes: np.ndarray           # [N, 3] (onset in window, duration, pitch)
     mode: int                   # 1 major, 0 minor (the piece's)
     local_key_agrees: bool      # the window's own best key is the piece's key
     melody: int
@@ -82,15 +92,17 @@ def _local_keys(hists: np.ndarray) -> np.ndarray:
     return np.stack([best % 12, np.where(best < 12, 1, 0)], axis=1)
 
 
-def chorale_windows(ch: Chorales | None = None, bars: int = 2) -> list[Window]:
-    """All ``bars``-bar windows, stepping one bar, transposed to C."""
+def chorale_windows(ch: Chorales | None = None, bars: int = 2, to_c: bool = True
+                    ) -> list[Window]:
+    """All ``bars``-bar windows, stepping one bar, transposed to C (``to_c=False``: in the
+    piece's own key; the windows and their key agreement are the same either way)."""
     ch = ch or load_chorales()
     found = []
     for p in range(ch.num_pieces):
         notes = ch.notes_of(p)                              # voice, onset, dur, pitch
         bar = ch.bar_length(p)
         tonic = int(ch.piece_tonic[p])
-        shift = ((6 - tonic) % 12) - 6                      # smallest move of the tonic to C
+        shift = ((6 - tonic) % 12) - 6 if to_c else 0       # smallest move of the tonic to C
         length = bars * bar
         for start in range(0, int(ch.piece_length[p]) - length + 1, bar):
             on, dur = notes[:, 1], notes[:, 2]
@@ -140,31 +152,51 @@ def _pick(windows: list[Window], per_piece: int | None) -> list[Window]:
     return out
 
 
-def emotion_clips(seed: int = 0, per_piece: int | None = 6, seconds: float = 4.0
-                  ) -> dict[str, np.ndarray]:
+def _render(windows: list[Window], bpm: np.ndarray, seed: int, seconds: float, variant: str
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The clips' waveforms ``[N, n]`` and, for ``"varied"``, each clip's timbre index."""
+    if variant == "easy":
+        return np.stack([render_notes(w.notes, float(b), seconds=seconds, loop_length=w.length)
+                         for w, b in zip(windows, bpm)]), None
+    rooms = draw_rooms(np.random.default_rng([seed, 1]), len(windows))  # tempo keeps rng(seed)
+    tables = tone_tables(np.concatenate([w.notes[:, 2] for w in windows]), seconds, 16000)
+    dry = np.stack([render_timbre(w.notes, float(b), room.timbre, tables, seconds=seconds,
+                                  loop_length=w.length)
+                    for w, b, room in zip(windows, bpm, rooms)])
+    return apply_rooms(dry, rooms, seed), np.array([room.timbre for room in rooms])
+
+
+def emotion_clips(seed: int = 0, per_piece: int | None = 6, seconds: float = 4.0,
+                  variant: str = "varied") -> dict[str, np.ndarray]:
     """The emotion task's clips as waveforms (what :func:`emotion_dataset` turns into mels).
 
     Args:
-        seed: drives each clip's tempo range and tempo; same seed, same clips.
+        seed: drives each clip's tempo range and tempo (and, ``"varied"``, its timbre, reverb
+            and noise); same seed, same clips.
         per_piece: at most this many key-agreeing windows per chorale (None: all).
         seconds: clip length.
+        variant: ``"varied"`` (each piece in its own key; a timbre, reverb and noise drawn per
+            clip, :mod:`.timbres`) or ``"easy"`` (every clip in C, one timbre). Both have the
+            same windows, tempi, labels and splits for a seed.
 
     Returns:
         dict of arrays: ``wave`` ``[N, round(seconds * 16000)]`` float32 at 16 kHz, ``label``
         ``[N]`` (index into ``EMOTION_CLASSES``), ``valence``, ``arousal``, ``bpm``, ``melody``,
-        ``piece``, ``split`` ``[N]`` (0 train, 1 val, 2 test).
+        ``piece``, ``split`` ``[N]`` (0 train, 1 val, 2 test); ``"varied"`` adds ``timbre``
+        (index into :data:`.timbres.TIMBRES`).
     """
-    windows = _pick([w for w in chorale_windows() if w.local_key_agrees], per_piece)
+    check_choice("variant", variant, EMOTION_VARIANTS)
+    windows = _pick([w for w in chorale_windows(to_c=variant == "easy") if w.local_key_agrees],
+                    per_piece)
     rng = np.random.default_rng(seed)
     fast = rng.random(len(windows)) < 0.5
     lo = np.where(fast, FAST_BPM[0], SLOW_BPM[0])
     hi = np.where(fast, FAST_BPM[1], SLOW_BPM[1])
     bpm = lo + (hi - lo) * rng.random(len(windows))
-    waves = np.stack([render_notes(w.notes, float(b), seconds=seconds, loop_length=w.length)
-                      for w, b in zip(windows, bpm)])
+    waves, timbre = _render(windows, bpm, seed, seconds, variant)
     mode = np.array([w.mode for w in windows])
     melody = np.array([w.melody for w in windows])
-    return {
+    out = {
         "wave": waves,
         "label": np.where(mode == 1, np.where(fast, 0, 1), np.where(fast, 3, 2)),
         "valence": np.where(mode == 1, 1.0, -1.0),
@@ -174,33 +206,57 @@ def emotion_clips(seed: int = 0, per_piece: int | None = 6, seconds: float = 4.0
         "piece": np.array([w.piece for w in windows]),
         "split": melody_splits(melody),
     }
+    return out if timbre is None else {**out, "timbre": timbre}
+
+
+def training_subset(melodies: np.ndarray, split: np.ndarray, fraction: float, seed: int
+                    ) -> np.ndarray:
+    """Which items to train on when only ``fraction`` of the training split is used.
+
+    Whole melodies are kept (a seeded permutation of the training melodies, its first
+    ``max(1, round(fraction * n))``), so a smaller fraction's subset lies inside a larger one's
+    for the same ``seed``; validation and test items are always kept.
+
+    Returns:
+        ``[N]`` bool: False for the training items left out.
+    """
+    check_real("train_fraction", fraction, low=0.0, high=1.0, low_inclusive=False)
+    train = np.unique(melodies[split == 0])
+    order = np.random.default_rng([seed, 2]).permutation(train)
+    kept = order[:max(1, int(round(fraction * len(train))))]
+    return (split != 0) | np.isin(melodies, kept)
 
 
 def emotion_dataset(seed: int = 0, per_piece: int | None = 6, seconds: float = 4.0,
-                    use_cache: bool = True) -> dict[str, torch.Tensor]:
+                    use_cache: bool = True, variant: str = "varied") -> dict[str, torch.Tensor]:
     """The emotion-recognition task: rendered clips (:func:`emotion_clips`) as log-mel
     spectrograms.
 
     Args:
-        seed: drives each clip's tempo range and tempo; same seed, same data.
+        seed: drives each clip's tempo range and tempo (and, ``"varied"``, its timbre, reverb
+            and noise); same seed, same data.
         per_piece: at most this many key-agreeing windows per chorale (None: all).
         seconds: clip length.
-        use_cache: read/write the rendered tensors under :func:`cache_dir`.
+        use_cache: read/write the rendered tensors under :func:`cache_dir` (one file per
+            variant, seed, ``per_piece`` and ``seconds``).
+        variant: ``"varied"`` or ``"easy"`` (:func:`emotion_clips`).
 
     Returns:
         dict of tensors: ``mel`` ``[N, 1, 64, T]`` float32, ``label`` ``[N]`` (index into
         ``EMOTION_CLASSES``), ``valence`` and ``arousal`` ``[N]`` in [-1, 1], ``bpm``,
-        ``melody``, ``piece``, ``split`` ``[N]`` (0 train, 1 val, 2 test).
+        ``melody``, ``piece``, ``split`` ``[N]`` (0 train, 1 val, 2 test); ``"varied"`` adds
+        ``timbre``.
     """
-    key = hashlib.sha256(f"emotion-v{_VERSION}-{seed}-{per_piece}-{seconds}".encode()).hexdigest()
-    path = cache_dir() / f"emotion-{key[:16]}.pt"
+    check_choice("variant", variant, EMOTION_VARIANTS)
+    spec = f"emotion-{variant}-v{_VERSION}-{seed}-{per_piece}-{seconds}"
+    path = cache_dir() / f"emotion-{variant}-{hashlib.sha256(spec.encode()).hexdigest()[:16]}.pt"
     if use_cache and path.exists():
         try:
             return torch.load(path, weights_only=True)
         except Exception:  # a broken cache file is re-rendered
             log.warning("cache %s unreadable; rendering again", path)
     t0 = time.perf_counter()
-    clips = emotion_clips(seed, per_piece, seconds)
+    clips = emotion_clips(seed, per_piece, seconds, variant)
     waves = clips["wave"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small STFTs: one thread is several times faster here
@@ -219,6 +275,7 @@ def emotion_dataset(seed: int = 0, per_piece: int | None = 6, seconds: float = 4
         "melody": torch.from_numpy(clips["melody"]).long(),
         "piece": torch.from_numpy(clips["piece"]).long(),
         "split": torch.from_numpy(clips["split"]),
+        **({"timbre": torch.from_numpy(clips["timbre"]).long()} if "timbre" in clips else {}),
     }
     log.info("rendered %d emotion clips in %.1fs", len(waves), time.perf_counter() - t0)
     if use_cache:
