@@ -39,8 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(1, str(ROOT / "src"))
 
-from advanced_training_utils.app.compare import _folder_name, compare, tabulate  # noqa: E402
-from advanced_training_utils.app.report.comparison import read_run  # noqa: E402
 from evidence_claims import guide_claims  # noqa: E402
 from evidence_report import write_markdown, write_plots  # noqa: E402
 from evidence_results import StudyResult, read_cell, run_extras  # noqa: E402
@@ -55,6 +53,8 @@ from evidence_studies import (  # noqa: E402
     observed_clip,
 )
 
+from advanced_training_utils.app.compare import _folder_name, compare, tabulate  # noqa: E402
+from advanced_training_utils.app.report.comparison import read_run  # noqa: E402
 from advanced_training_utils.engine.config import TrainConfig  # noqa: E402
 
 __all__ = ["config_key", "missing_options", "run_studies", "main"]
@@ -145,14 +145,18 @@ def _run_dirs(scratch: Path, task: str, key: str, seeds: int) -> list[Path]:
 
 
 def _target(sr: StudyResult) -> float | None:
-    """The target of epochs-to-target: the monitored value that 3 of 4 runs of the study
-    reach (the 75th percentile of their best val_loss), to two significant digits."""
+    """The target of epochs-to-target: the monitored value (val_loss) that 3 of 4 runs of the
+    study reach (the 75th percentile of their best values), rounded up to three significant
+    digits (so those runs still reach it)."""
     best = sorted(r.best_value for c in sr.cells for r in c.runs
                   if r.best_value is not None and math.isfinite(r.best_value))
     if not best:
         return None
     v = best[min(len(best) - 1, math.ceil(0.75 * len(best)) - 1)]
-    return float(f"{v:.2g}") if v > 0 else v
+    if v <= 0:
+        return v
+    q = 10.0 ** (math.floor(math.log10(v)) - 2)
+    return float(f"{math.ceil(v / q - 1e-9) * q:.3g}")
 
 
 def _observed(scratch: Path, scale: Scale) -> float:
@@ -211,8 +215,21 @@ def run_studies(names: list[str], scale: Scale, scratch: Path
         if "observed_clip" in ctx and st.phases >= 2:
             sr.notes.append(f"observed threshold: {ctx['observed_clip']:g} (the median "
                             "per-epoch maximum pre-clip norm of the unclipped stable runs)")
+        sr.notes += _recovery_note(sr)
         results[st.name] = sr
     return results, trained
+
+
+def _recovery_note(sr: StudyResult) -> list[str]:
+    """Whether divergence recovery acted in a study that runs with and without it."""
+    if not any(c.cell.options.get("recovery") is False for c in sr.cells):
+        return []
+    acted = sum(e.get("rollbacks", 0) + e.get("skipped", 0) for c in sr.cells
+                for e in c.extras if c.cell.options.get("recovery") is not False)
+    if acted:
+        return [f"divergence recovery acted: {acted:g} rollbacks and skipped steps in all"]
+    return ["divergence recovery never acted (0 rollbacks, 0 skipped steps in every run with "
+            "it): with and without it, each configuration's runs are the same"]
 
 
 def _tables(results: dict[str, StudyResult], scratch: Path) -> None:
@@ -261,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     md = args.results / f"{stem}.md"
     write_markdown(md, results, guide_claims(results), meta, plots, ROOT)
     (scratch / "evidence_meta.json").write_text(json.dumps(meta, indent=2, default=str))
-    log.info("evidence: wrote %s and %d plots in %.0f s", md, len(plots), meta["wall_seconds"])
+    log.info("evidence: wrote %s and %d plots (this invocation: %.0f s)", md, len(plots),
+             time.perf_counter() - t0)
     return 1 if any(sr.failed for sr in results.values()) else 0
 
 
@@ -272,7 +290,8 @@ def _keep_timing(meta: dict[str, Any], previous: Path) -> dict[str, Any]:
         old = json.loads(previous.read_text())
     except (OSError, ValueError):
         return meta
-    same = all(old.get(k) == meta[k] for k in ("scale", "command"))
+    now = json.loads(json.dumps(meta, default=str))  # tuples as lists, as they were saved
+    same = all(old.get(k) == now[k] for k in ("scale", "command"))
     if meta["runs_trained"] or not same or not old.get("runs_trained"):
         return meta
     return {**old, "rewritten": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
