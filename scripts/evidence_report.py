@@ -11,10 +11,11 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from advanced_training_utils.app.report.comparison import plot_curves
-from advanced_training_utils.app.report.intervals import Interval
 from evidence_claims import RULE, Claim, best_against_base
 from evidence_results import CellResult, StudyResult
+
+from advanced_training_utils.app.report.comparison import plot_curves
+from advanced_training_utils.app.report.intervals import Interval
 
 __all__ = ["study_table", "write_markdown", "write_plots", "BASES"]
 
@@ -106,7 +107,7 @@ def write_plots(results: dict[str, StudyResult], folder: Path) -> list[Path]:
             runs = [r for c in sr.cells if "warmup" not in c.cell.label for r in c.runs]
             if runs:
                 out.append(plot_curves(runs, folder / f"{sr.name}_curves.png",
-                                       title=f"{sr.title}: validation loss, mean over seeds "
+                                       title=f"{sr.name}: validation loss, mean over seeds "
                                        "(band: min-max)"))
     return out
 

@@ -14,9 +14,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import evidence  # noqa: E402
 import evidence_claims as claims  # noqa: E402
 import evidence_studies as studies  # noqa: E402
+from evidence_results import CellResult, StudyResult  # noqa: E402
+
 from advanced_training_utils.app.report.comparison import RunResult  # noqa: E402
 from advanced_training_utils.app.report.intervals import mean_interval  # noqa: E402
-from evidence_results import CellResult, StudyResult  # noqa: E402
 
 HI = mean_interval([0.80, 0.81, 0.82])   # [0.785, 0.835]
 LO = mean_interval([0.60, 0.61, 0.62])   # [0.585, 0.635]

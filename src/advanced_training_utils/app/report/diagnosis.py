@@ -55,11 +55,20 @@ REMEDIES: dict[str, list[str]] = {
 #: (``benchmarks/results/evidence.md``, 3 seeds per cell); :func:`format_diagnosis` prints it
 #: under the remedies. Findings without an entry were not measured.
 MEASURED: dict[str, str] = {
-    "overfitting": "augmentation study, benchmarks/results/evidence.md",
-    "plateau": "schedulers study, benchmarks/results/evidence.md",
-    "diverging": "clipping study, benchmarks/results/evidence.md",
-    "exploding_gradients": "clipping study, benchmarks/results/evidence.md",
-    "rollbacks": "clipping study, benchmarks/results/evidence.md",
+    "overfitting": "augmentation study (benchmarks/results/evidence.md): on the built-in "
+                   "emotion task no augmentation policy (masks+noise, SpecAugment SM, noise, "
+                   "mixup) separated from none in held-out accuracy at 10%, 30% or 100% of the "
+                   "data",
+    "plateau": "schedulers study (benchmarks/results/evidence.md): in an 8-epoch budget the "
+               "plateau scheduler (patience 5) never lowered the LR, so it trained exactly as a "
+               "constant LR; cosine and onecycle ended lower, intervals overlapping",
+    "diverging": "clipping study (benchmarks/results/evidence.md): at 10x the learning rate "
+                 "clipping at 1.0 raised the mean held-out accuracy, intervals overlapping",
+    "exploding_gradients": "clipping study (benchmarks/results/evidence.md): at 10x the "
+                           "learning rate clipping at 1.0 raised the mean held-out accuracy, "
+                           "intervals overlapping; at the task's LR it clips every step",
+    "rollbacks": "clipping study (benchmarks/results/evidence.md): at 10x the learning rate "
+                 "recovery never had to act; clipping at 1.0 raised the mean held-out accuracy",
 }
 
 
