@@ -301,16 +301,27 @@ def check_metric_outputs(metrics: Any, model: torch.nn.Module, x: Any, y: Any,
     fails before the first epoch, not after it; the metrics take their sizes from it."""
     if not metrics:
         return
+    out = _first_output(model, x, device)
+    if out is not _FAILED:
+        metrics.check(out, to_device(y, device))
+
+
+_FAILED = object()  # the model's forward failed on the first batch
+
+
+def _first_output(model: torch.nn.Module, x: Any, device: torch.device) -> Any:
+    """The model's output on the first batch in eval mode without gradients (its train/eval
+    mode restored), or ``_FAILED``: the training loop reports forward failures with their batch
+    position."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(to_device(x, device))
+            return model(to_device(x, device))
     except Exception:
-        return  # the training loop reports forward failures with their batch position
+        return _FAILED
     finally:
         model.train(was_training)
-    metrics.check(out, to_device(y, device))
 
 
 def _mixing_options(mixing: BatchMixing) -> str:
@@ -348,15 +359,9 @@ def check_mixing(mixing: BatchMixing | None, criterion: Any, model: torch.nn.Mod
                          f"targets, but {type(criterion).__name__} takes class indices only: "
                          "use torch.nn.CrossEntropyLoss (on logits) or another criterion that "
                          "takes probabilities")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(to_device(x, device))
-    except Exception:
-        return  # the training loop reports forward failures with their batch position
-    finally:
-        model.train(was_training)
+    out = _first_output(model, x, device)
+    if out is _FAILED:
+        return
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"with {opts} and class-index targets the model output must be "

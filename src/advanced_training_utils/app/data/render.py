@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["render_notes", "midi_to_hz"]
+__all__ = ["render_notes", "midi_to_hz", "note_spans"]
 
 
 def midi_to_hz(pitch: np.ndarray | float) -> np.ndarray:
@@ -53,6 +54,18 @@ def render_notes(notes: np.ndarray, bpm: float, seconds: float = 4.0, sample_rat
     tones, env = _tables(float(seconds), int(sample_rate), int(harmonics))
     n_out = tones.shape[1]
     out = np.zeros(n_out, dtype=np.float32)
+    for start, length, pitch in note_spans(notes, bpm, seconds, sample_rate, n_out, loop_length):
+        out[start:start + length] += tones[pitch, :length] * env[:length]
+    peak = np.abs(out).max()
+    return out / peak if peak > 0 else out
+
+
+def note_spans(notes: np.ndarray, bpm: float, seconds: float, sample_rate: int, n_out: int,
+               loop_length: int | None = None) -> Iterator[tuple[int, int, int]]:
+    """``(start sample, length in samples, MIDI pitch)`` of every note of ``notes`` (rows
+    ``(onset, duration, pitch)`` in 16ths), the pattern looped until ``seconds`` are filled
+    (every ``loop_length`` 16ths; default: the end of its last note); notes are cut at
+    ``n_out`` samples."""
     sixteenth = 15.0 / bpm
     span = loop_length or int((notes[:, 0] + notes[:, 1]).max())
     reps = int(np.ceil(seconds / (span * sixteenth))) if span else 1
@@ -61,7 +74,4 @@ def render_notes(notes: np.ndarray, bpm: float, seconds: float = 4.0, sample_rat
             start = int(round(((r * span + onset) * sixteenth) * sample_rate))
             if start >= n_out:
                 continue
-            length = min(int(round(dur * sixteenth * sample_rate)), n_out - start)
-            out[start:start + length] += tones[pitch, :length] * env[:length]
-    peak = np.abs(out).max()
-    return out / peak if peak > 0 else out
+            yield start, min(int(round(dur * sixteenth * sample_rate)), n_out - start), pitch

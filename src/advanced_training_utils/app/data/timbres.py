@@ -17,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .render import midi_to_hz
+from .render import midi_to_hz, note_spans
 
 __all__ = ["Timbre", "TIMBRES", "Room", "draw_rooms", "render_timbre", "apply_rooms",
            "tone_tables", "NOISE_SNR_DB", "REVERB_WET", "REVERB_SECONDS"]
@@ -130,19 +130,11 @@ def render_timbre(notes: np.ndarray, bpm: float, timbre: int, tables: tuple[dict
     env = _envelope(timbre, n_out, sample_rate)
     release = np.linspace(1.0, 0.0, int(0.005 * sample_rate), dtype=np.float32)
     out = np.zeros(n_out, dtype=np.float32)
-    sixteenth = 15.0 / bpm
-    span = loop_length or int((notes[:, 0] + notes[:, 1]).max())
-    reps = int(np.ceil(seconds / (span * sixteenth))) if span else 1
-    for r in range(reps):
-        for onset, dur, pitch in notes:
-            start = int(round(((r * span + onset) * sixteenth) * sample_rate))
-            if start >= n_out:
-                continue
-            length = min(int(round(dur * sixteenth * sample_rate)), n_out - start)
-            note = tones[timbre, row[int(pitch)], :length] * env[:length]
-            k = min(len(release), length)
-            note[length - k:] *= release[len(release) - k:]
-            out[start:start + length] += note
+    for start, length, pitch in note_spans(notes, bpm, seconds, sample_rate, n_out, loop_length):
+        note = tones[timbre, row[int(pitch)], :length] * env[:length]
+        k = min(len(release), length)
+        note[length - k:] *= release[len(release) - k:]
+        out[start:start + length] += note
     return out
 
 
