@@ -338,3 +338,12 @@ def test_a_failed_run_is_listed_and_the_rest_tabled(tmp_path, monkeypatch, capsy
     md = (out / "compare.md").read_text()
     assert "- failed: fast seed 1: RuntimeError: diverged" in md
     assert _csv(out / "compare.csv")[0]["runs"] == "1"
+
+
+def test_a_worker_records_its_peak_resident_memory(tmp_path):
+    import resource
+
+    cmp._write_peak_rss(tmp_path)
+    got = json.loads((tmp_path / cmp.PEAK_RSS_FILE).read_text())["peak_rss_mb"]
+    want = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    assert 0 < got <= want + 0.1 and got >= want * 0.99

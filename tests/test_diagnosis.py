@@ -100,6 +100,16 @@ def test_format_lists_each_finding():
     assert "skipped steps:" in text and "remedies:" in text
 
 
+def test_format_cites_the_evidence_where_it_was_measured():
+    from advanced_training_utils.app.report.diagnosis import MEASURED
+
+    text = format_diagnosis(diagnose(CASES["overfitting"]), CASES["overfitting"])
+    assert f"  evidence: {MEASURED['overfitting']}." in text.splitlines()
+    assert "benchmarks/results/evidence.md" in MEASURED["overfitting"]
+    text = format_diagnosis(diagnose(CASES["vanishing_gradients"]), CASES["vanishing_gradients"])
+    assert "evidence:" not in text  # not measured: nothing cited
+
+
 def test_plot_writes_png(tmp_path):
     p = plot_history(CASES["overfitting"], tmp_path / "r.png", title="t", diagnosis="x")
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -22,7 +22,8 @@ plus ``compare_run.json`` (the run's resolved options); its ``report.png`` and
 A run whose ``summary.json`` is readable is finished and never rerun; an unfinished one resumes
 from its last checkpoint: run the same command again after an interruption (a run folder whose
 options differ from the command's is refused). Runs go one after another in this process (``--jobs 1``) or as
-``J`` parallel processes (each with one torch thread; its output in the run's ``compare.log``).
+``J`` parallel processes (each with one torch thread; its output in the run's ``compare.log``;
+its peak resident memory in the run's ``peak_rss.json``, ``{"peak_rss_mb": MiB}``).
 A failed run is listed in the table and the exit code is 1; it is retried by the next command.
 
 Outputs: ``DIR/compare.md`` and ``DIR/compare.csv`` (one row per configuration: the monitored
@@ -81,6 +82,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PRESET = "stable"
 #: A run directory's record of what it runs (compared on every later command).
 SPEC_FILE = "compare_run.json"
+#: A parallel worker's peak resident memory (written after its run; see _write_peak_rss).
+PEAK_RSS_FILE = "peak_rss.json"
 #: Options a later command may change for a recorded run.
 _FREE = ("device", "verbose")
 
@@ -256,7 +259,21 @@ def run_spec_file(path: str | Path, report: bool = False) -> int:
         print(f"advtrain compare: {run.config} seed {run.seed}: {type(e).__name__}: {e}",
               file=sys.stderr)
         return 1
+    _write_peak_rss(run.run_dir)
     return 0
+
+
+def _write_peak_rss(run_dir: Path) -> None:
+    """Record this worker's peak resident memory in ``run_dir/peak_rss.json`` (``peak_rss_mb``,
+    MiB: data, model, training and test of this one run; Unix only, nothing elsewhere)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    mb = peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    text = json.dumps({"peak_rss_mb": round(mb, 1)}) + "\n"
+    atomic_write(run_dir / PEAK_RSS_FILE, lambda f: f.write(text.encode()))
 
 
 def _die_with_parent() -> None:
