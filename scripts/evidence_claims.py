@@ -23,8 +23,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from advanced_training_utils.app.report.intervals import Interval, mean_interval
 from evidence_results import CellResult, StudyResult
+
+from advanced_training_utils.app.report.intervals import Interval, mean_interval
 
 __all__ = ["RULE", "HELD", "NOT_SHOWN", "DID_NOT_HOLD", "Claim", "verdict", "verdict_best",
            "verdict_value", "fmt_iv", "guide_claims", "best_against_base"]

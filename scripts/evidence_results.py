@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evidence_studies import Cell
+
 from advanced_training_utils.app.report.comparison import RunResult, read_run
 from advanced_training_utils.app.report.intervals import Interval, mean_interval
-from evidence_studies import Cell
 
 __all__ = ["CellResult", "StudyResult", "run_extras", "read_cell"]
 
