@@ -55,6 +55,8 @@ def study_table(sr: StudyResult) -> str:
         extra.insert(0, (f"epochs to val_loss <= {sr.target:.3g} (reached)", lambda c: (
             "n/a" if not c.runs else f"{_cell(c.epochs_to(sr.target, sr.epochs), 2)} "
             f"({c.reached(sr.target)}/{len(c.runs)})")))
+        extra.insert(1, ("training s to it (runs that reached it)", lambda c: (
+            "n/a" if not c.reached(sr.target) else _cell(c.seconds_to(sr.target), 2))))
     head = (["cell", "runs", sr.test_name, "best val_loss", "final val_loss",
              "gap (val - train)", "s/epoch"] + [name for name, _ in extra])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

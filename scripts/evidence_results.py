@@ -95,6 +95,13 @@ class CellResult:
             return mean_interval([])
         return mean_interval([float(r.epochs_to(target) or budget + 1) for r in self.runs])
 
+    def seconds_to(self, target: float | None) -> Interval:
+        """Training seconds to reach ``target``, over the runs that reached it."""
+        if target is None:
+            return mean_interval([])
+        return mean_interval([float(t) for r in self.runs
+                              if (t := r.seconds_to(target)) is not None])
+
     def reached(self, target: float | None) -> int:
         return sum(r.epochs_to(target) is not None for r in self.runs)
 

@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import evidence  # noqa: E402
 import evidence_claims as claims  # noqa: E402
+import evidence_report  # noqa: E402
 import evidence_studies as studies  # noqa: E402
 from evidence_results import CellResult, StudyResult  # noqa: E402
 
@@ -136,3 +137,14 @@ def test_quick_run_writes_tables_and_plots_and_skips_finished_runs(tmp_path, mon
     before = [p.stat().st_mtime_ns for p in summaries]
     assert evidence.main(args) == 0                  # again: every run finished, none rerun
     assert [p.stat().st_mtime_ns for p in summaries] == before
+
+
+def test_the_table_gives_epochs_and_training_seconds_to_the_target():
+    cells = [_cell("fast", [0.8, 0.8, 0.8], [0.6, 0.4]), _cell("slow", [0.8, 0.8], [0.9, 0.8])]
+    sr = StudyResult("schedulers", "S", "emotion", "", 2, cells, target=0.5)
+    table = evidence_report.study_table(sr)
+    fast = next(line for line in table.splitlines() if line.startswith("| fast "))
+    slow = next(line for line in table.splitlines() if line.startswith("| slow "))
+    # fast reaches 0.5 at epoch 2 (1 s per epoch: 2 s of training); slow never does
+    assert "| 2 ± 0 [2, 2] (3/3) | 2 ± 0 [2, 2] |" in fast
+    assert "| 3 ± 0 [3, 3] (0/2) | n/a |" in slow
