@@ -123,7 +123,9 @@ def test_report_subcommand(tmp_path, capsys):
     (["train", "--set", "lr=0.1"], "--set: unknown option(s) lr; valid options: "),
     (["train", "--set", "epochs"], "--set expects KEY=VALUE, got 'epochs'"),
     (["train", "--set", "epochs=0"], "epochs must be >= 1, got 0"),
-    (["train", "--set", "checkpoint_dir=/x"], "unknown option(s) checkpoint_dir"),
+    (["train", "--set", "checkpoint_dir=/x"], "--set: checkpoint_dir cannot be set here: the "
+     "command sets it itself (the run directory --out holds the checkpoints"),
+    (["train", "--set", "on_epoch_end=x"], "on_epoch_end cannot be set here"),
     (["train", "--config", "/nonexistent.yaml"], "--config: no such file"),
     (["report", "/nonexistent-run"], "no such run directory"),
 ])

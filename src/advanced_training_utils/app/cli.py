@@ -279,6 +279,13 @@ def _check_keys(where: str, options: dict[str, Any], task: str) -> None:
     ambiguous = [AMBIGUOUS[k] for k in bad if k in AMBIGUOUS]
     if ambiguous:
         raise CLIError(f"{where}: " + "; ".join(ambiguous))
+    fixed = [k for k in bad if k in _RESERVED]
+    if fixed:
+        raise CLIError(f"{where}: {', '.join(fixed)} cannot be set here: the command sets "
+                       f"{'it' if len(fixed) == 1 else 'them'} itself (the run directory --out "
+                       "holds the checkpoints and the metrics log; --resume resumes; "
+                       "batch_size=auto records its choice; optimizer, augment and on_epoch_end "
+                       "are Python objects: use train_model_advanced)")
     if bad:
         raise CLIError(f"{where}: unknown option(s) {', '.join(bad)}; valid options: "
                        + ", ".join(valid))
