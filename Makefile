@@ -43,7 +43,8 @@ mutation: $(STAMP)
 
 # The guide's advice measured on the built-in tasks, 3 seeds per cell (scripts/evidence.py):
 # writes benchmarks/results/evidence.md and benchmarks/results/evidence/*.png from resumable runs
-# under runs/evidence/ (run it again after an interruption). About 25 minutes on 2 quiet cores.
+# under runs/evidence/ (run it again after an interruption). 15 minutes on 2 quiet cores here
+# (25 minutes with other work on the machine).
 evidence: $(STAMP)
 	$(BIN)/python scripts/evidence.py
 

@@ -14,7 +14,7 @@ shared between studies (the stable preset is the base of several and is trained 
 
 Usage::
 
-    python scripts/evidence.py                          # all studies (about 25 min, 2 cores)
+    python scripts/evidence.py                          # all studies (15 min on 2 quiet cores)
     python scripts/evidence.py --study schedulers --study notes
     python scripts/evidence.py --quick --study notes    # smoke run: 1 seed, 2 epochs
 
