@@ -318,7 +318,7 @@ BAD = [
     # unknown and reserved keys
     (["--set", "lr=0.1"], {}, "--set: unknown option(s) lr; valid options: "),
     (["--config", "{d}/unk.yaml"], {"unk.yaml": "warmup: 3\n"}, "unknown option(s) warmup"),
-    (["--set", "model_name=x"], {}, "--set: unknown option(s) model_name"),
+    (["--set", "model_name=x"], {}, "--set: model_name cannot be set here: the command sets it itself"),
     (["--set", "epochs"], {}, "--set expects KEY=VALUE, got 'epochs'"),
     # size bounds
     (["--config", "{d}/bomb.yaml"], {"bomb.yaml": _bomb()},
