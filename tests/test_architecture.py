@@ -138,18 +138,6 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def code_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
-    """A function's length from its ``def`` line to its last line, less its docstring: the
-    limit is on code; a public function's documentation (the option list of
-    ``train_model_advanced``, say) may be as long as it needs."""
-    lines = fn.end_lineno - fn.lineno + 1
-    first = fn.body[0]
-    if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-            and isinstance(first.value.value, str)):
-        lines -= first.end_lineno - first.lineno + 1
-    return lines
-
-
 def long_functions() -> dict[str, int]:
     """``"relative/path.py::Qual.name" -> lines`` for every function over the limit."""
     found = {}
@@ -161,7 +149,7 @@ def long_functions() -> dict[str, int]:
                 if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                     name = prefix + child.name
                     if not isinstance(child, ast.ClassDef):
-                        lines = code_lines(child)
+                        lines = child.end_lineno - child.lineno + 1
                         if lines > MAX_FUNCTION_LINES:
                             found[f"{rel}::{name}"] = lines
                     visit(child, name + ".")
@@ -256,12 +244,3 @@ def test_layer_rule(source, target, bad):
 def test_cycle_is_found_and_reported():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
-
-
-def test_code_lines_counts_code_not_the_docstring():
-    body = "\n".join(f"    x{i} = {i}" for i in range(3))
-    with_doc = ast.parse(f'def f():\n    """one\n    two\n    three"""\n{body}\n').body[0]
-    without = ast.parse(f"def f():\n{body}\n").body[0]
-    only_string_expr = ast.parse(f"def f():\n    x = 1\n    'not a docstring'\n{body}\n").body[0]
-    assert code_lines(with_doc) == code_lines(without) == 4
-    assert code_lines(only_string_expr) == 6

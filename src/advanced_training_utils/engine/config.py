@@ -178,11 +178,11 @@ class TrainConfig:
     scheduler_type: SchedulerType = "plateau"
     plateau_patience: int = 5   # ReduceLROnPlateau's patience (not early stopping's)
     factor: float | None = None
-    T_max: int | None = None
+    T_max: int | None = None    # cosine's horizon; None: epochs
     gamma: float | None = None
     step_size: int = 10
     min_lr: float = 0.0
-    max_lr: float | None = None
+    max_lr: float | None = None  # onecycle's peak; None: learning_rate
     pct_start: float | None = None  # onecycle's rise fraction; None: 0.3, or warmup_steps sets it
     # Counted in scheduler steps: epochs for plateau/cosine/step/exp, optimizer steps for onecycle
     # (see scheduler.py for how the warmup composes with each type).
@@ -190,7 +190,7 @@ class TrainConfig:
     # clipping / precision
     gradient_clip: float | None = 1.0
     use_mixed_precision: bool = False
-    amp_dtype: AmpDtype | None = None
+    amp_dtype: AmpDtype | None = None  # None: float16 on CUDA, bfloat16 on CPU
     # augmentation
     use_augmentation: bool = False
     augment: Augment = None
@@ -212,6 +212,8 @@ class TrainConfig:
     restore_best_weights: bool = True
     check_stability: bool = False
     stability_every: int = 10
+    # 'uar', 'macro_f1', 'accuracy', 'per_class_recall', 'ccc', 'mae', torchmetrics objects or
+    # callables (metrics.py); each logged as val_<key>
     metrics: Metrics = None
     # model selection: the logged key (val_loss, train_loss, val_<metric key>) that picks the
     # best epoch and drives early stopping and the plateau scheduler; 'max': higher is better
@@ -239,6 +241,7 @@ class TrainConfig:
     # distribution
     dist_timeout: float = 60.0
     # output
+    # True: the newest intact {model_name}_last*.pt in checkpoint_dir; a path: that file
     resume: bool | str | Path = False
     metrics_file: Path | str | None = None
     tensorboard: bool = False   # checkpoint_dir/tensorboard; needs the `tensorboard` extra

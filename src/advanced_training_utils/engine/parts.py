@@ -236,16 +236,7 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
         val_loader = ctx.shard(val_loader, cfg.seed or 0, train=False)
     optimizer = build_optimizer(cfg, model)
     opt_spec = optimizer_spec(optimizer)  # before a scheduler adds to the param groups
-    amp_dtype = cfg.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        precision = MixedPrecisionTrainer(enabled=cfg.use_mixed_precision,
-                                          device=device.type, dtype=amp_dtype)
-    clipper = GradientClipper(cfg.gradient_clip if cfg.gradient_clip is not None else math.inf)
-    guard = StepGuard(optimizer, enabled=cfg.recovery,
-                      spike_factor=cfg.spike_factor if cfg.recovery else None,
-                      spike_window=cfg.spike_window,
-                      reduce_max=ctx.max_ if ctx.enabled else None)
+    precision, clipper, guard = _step_parts(cfg, optimizer, device, ctx)
     n_batches = loader_length(train_loader)  # None: no length (an IterableDataset, say)
     scheduler = _build_scheduler(cfg, optimizer, n_batches)
     metrics = resolve_metrics(cfg.metrics, device=device)
@@ -254,10 +245,7 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
     first_check = FirstBatchCheck(cfg, criterion, model, device,  # on this rank's first batch
                                   metrics, mixing)
     selection = _selection(cfg, val_loader is not None)
-    early = (RunEarlyStopping(cfg.early_stop_patience, cfg.min_delta, cfg.mode)
-             if cfg.early_stop_patience is not None else NoEarlyStopping())
-    if val_loader is None and (cfg.early_stop_patience is not None or scheduler.is_plateau):
-        log.warning("no val_loader: early stopping / plateau scheduling follow the training loss")
+    early = _early_stopping(cfg, scheduler, val_loader is not None)
     net = ctx.wrap(model, device)
     fwd, val_fwd = _forwards(cfg, net, model)  # compile=True: compiled forwards (compiled.py)
     loader = make_resumable(train_loader, (val_loader,))
@@ -301,6 +289,35 @@ def build_parts(model: torch.nn.Module, train_loader: Iterable[Any],
                     first_check=first_check, selection=selection, progress=progress,
                     position=position, table=table, rank=RankState(guard, position, device),
                     class_weights=class_weights, ema=ema, swa=swa, eval_average=eval_average)
+
+
+def _step_parts(cfg: TrainConfig, optimizer: torch.optim.Optimizer, device: torch.device,
+                ctx: distributed.DistContext) -> tuple[MixedPrecisionTrainer, GradientClipper,
+                                                       StepGuard]:
+    """What each optimizer step goes through: precision (autocast, scaler), the clipper (no
+    threshold: ``inf``, norms still measured) and the guard that takes or skips the step."""
+    amp_dtype = cfg.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        precision = MixedPrecisionTrainer(enabled=cfg.use_mixed_precision,
+                                          device=device.type, dtype=amp_dtype)
+    clipper = GradientClipper(cfg.gradient_clip if cfg.gradient_clip is not None else math.inf)
+    guard = StepGuard(optimizer, enabled=cfg.recovery,
+                      spike_factor=cfg.spike_factor if cfg.recovery else None,
+                      spike_window=cfg.spike_window,
+                      reduce_max=ctx.max_ if ctx.enabled else None)
+    return precision, clipper, guard
+
+
+def _early_stopping(cfg: TrainConfig, scheduler: LearningRateScheduler | NoSchedule,
+                    has_val: bool) -> RunEarlyStopping | NoEarlyStopping:
+    """Early stopping (a no-op without ``early_stop_patience``); without a val_loader it and
+    the plateau scheduler follow the training loss, which is logged as a warning."""
+    if not has_val and (cfg.early_stop_patience is not None or scheduler.is_plateau):
+        log.warning("no val_loader: early stopping / plateau scheduling follow the training loss")
+    if cfg.early_stop_patience is None:
+        return NoEarlyStopping()
+    return RunEarlyStopping(cfg.early_stop_patience, cfg.min_delta, cfg.mode)
 
 
 def _build_averages(cfg: TrainConfig, model: torch.nn.Module, loader: ResumableLoader,

@@ -78,37 +78,30 @@ def train_model_advanced(model: torch.nn.Module, train_loader: Iterable[Any],
         train_loader: iterable of ``(inputs, targets)`` batches (or dicts with those keys).
         val_loader: the same for validation (None: decisions follow the training loss).
         criterion: ``(outputs, targets) -> scalar loss``.
-        **options: :class:`TrainOptions`, the fields of :class:`TrainConfig` (which holds the
-            defaults; an unknown name is a ``TypeError``). Run: ``epochs``, ``learning_rate``,
-            ``device`` (``'auto'``: CUDA, MPS, else CPU), ``seed``, ``verbose``. Optimisation:
-            ``optimizer`` (an optimizer or a factory of the parameters; default fused AdamW),
-            ``weight_decay``, ``accumulation_steps``, ``batch_size_choice`` (the batch-size
-            finder's record, :mod:`.batchfind`), ``gradient_clip`` (None: no clipping).
-            Scheduler: ``use_scheduler``, ``scheduler_type`` and ``LearningRateScheduler``'s
-            ``factor``, ``T_max`` (default: epochs), ``gamma``, ``step_size``, ``min_lr``,
-            ``max_lr`` (default: learning_rate), ``pct_start``, ``warmup_steps``, and
-            ``plateau_patience`` (its ``patience``; a bare ``patience=`` is refused, since early
-            stopping has one too). Precision: ``use_mixed_precision``, ``amp_dtype`` (None:
-            float16 on CUDA, bfloat16 on CPU). Augmentation: ``use_augmentation``, ``augment``
-            (``'audio'``, ``'emotion'``, ``'notes'`` or a callable; with None nothing is applied
-            and a warning is logged), ``augment_options``, ``augment_targets`` (True: a callable
-            ``augment`` maps ``(inputs, targets)``). Soft targets (:mod:`..mixing`):
-            ``mixup_alpha``, ``cutmix_alpha``, ``label_smoothing``. Compilation: ``compile``
-            (:mod:`.compiled`), ``compile_options``. Class imbalance (``'balanced'``,
-            :mod:`.balance`): ``class_weights``, ``sampler``. Stopping and checks:
-            ``early_stop_patience``, ``min_delta``, ``restore_best_weights``,
-            ``check_stability``, ``stability_every``, ``metrics`` (``uar``, ``macro_f1``,
-            ``accuracy``, ``per_class_recall``, ``ccc``, ``mae``, torchmetrics objects,
-            callables; logged as ``val_<key>``), ``monitor`` (the logged key for the best epoch,
-            early stopping, plateau), ``mode`` (``min``/``max``), ``on_epoch_end`` (a callable
-            given each epoch's history row; True stops). Files: ``checkpoint_dir``,
-            ``model_name``, ``resume`` (True: the newest intact ``{model_name}_last*.pt``; or a
-            path), ``checkpoint_every_n_steps``, ``keep_last``, ``handle_signals``,
-            ``metrics_file``, ``tensorboard``. Recovery: ``recovery``, ``spike_factor``,
-            ``spike_window``, ``rollback_after``, ``rollback_lr_factor``, ``max_rollbacks``,
-            ``divergence_factor``, ``recovery_check_every``. Weight averaging (:mod:`.averaging`):
-            ``ema_decay``, ``ema_warmup``, ``swa_start``, ``eval_ema``. DDP: ``dist_timeout``.
-
+        **options: :class:`TrainOptions`, the fields of :class:`TrainConfig` (their defaults
+            and meanings; an unknown name is a ``TypeError``). Run: ``epochs``,
+            ``learning_rate``, ``device`` (``'auto'``: CUDA, MPS, else CPU), ``seed``, ``verbose``.
+            Optimisation: ``optimizer`` (an optimizer or a factory of the parameters; default
+            fused AdamW), ``weight_decay``, ``accumulation_steps``, ``batch_size_choice``
+            (:mod:`.batchfind`), ``gradient_clip`` (None: none). Scheduler: ``use_scheduler``,
+            ``scheduler_type``, ``factor``, ``T_max``, ``gamma``, ``step_size``, ``min_lr``,
+            ``max_lr``, ``pct_start``, ``warmup_steps``, ``plateau_patience`` (a bare
+            ``patience=`` is refused: early stopping has one too). Precision:
+            ``use_mixed_precision``, ``amp_dtype``. Augmentation: ``use_augmentation``,
+            ``augment`` (``'audio'``, ``'emotion'``, ``'notes'``, a callable; None: warned),
+            ``augment_options``, ``augment_targets``; soft targets (:mod:`..mixing`):
+            ``mixup_alpha``, ``cutmix_alpha``, ``label_smoothing``. Compilation (:mod:`.compiled`):
+            ``compile``, ``compile_options``. Balance (:mod:`.balance`): ``class_weights``,
+            ``sampler``. Stopping and checks: ``early_stop_patience``, ``min_delta``,
+            ``restore_best_weights``, ``check_stability``, ``stability_every``, ``metrics``
+            (logged as ``val_<key>``), ``monitor`` and ``mode`` (the best epoch, early stopping,
+            plateau), ``on_epoch_end`` (given each history row; True stops). Files:
+            ``checkpoint_dir``, ``model_name``, ``resume``, ``checkpoint_every_n_steps``,
+            ``keep_last``, ``handle_signals``, ``metrics_file``, ``tensorboard``. Recovery:
+            ``recovery``, ``spike_factor``, ``spike_window``, ``rollback_after``,
+            ``rollback_lr_factor``, ``max_rollbacks``, ``divergence_factor``,
+            ``recovery_check_every``. Averaging (:mod:`.averaging`): ``ema_decay``,
+            ``ema_warmup``, ``swa_start``, ``eval_ema``. DDP: ``dist_timeout``.
     Returns:
         dict with ``best_epoch`` (1-based; 0: none improved), ``monitor``, ``best_metric`` (its best
         value), ``best_val_loss`` (the best epoch's val loss), ``history`` (a dict per epoch),
