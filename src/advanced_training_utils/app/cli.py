@@ -151,11 +151,26 @@ _CSV_FLAGS = (
 )
 
 
+def add_source_arguments(p: argparse.ArgumentParser, task_help: str) -> None:
+    """``--task`` and the ``--data`` group (the audio and its CSV options, :data:`_CSV_FLAGS`):
+    what a command trains on, as ``advtrain train``, ``lr-find`` and ``tune`` read it
+    (:func:`task_name`, :func:`audio_plan`)."""
+    from .tasks import TASKS
+
+    p.add_argument("--task", choices=TASKS, default=None, help=task_help)
+    d = p.add_argument_group("your own audio (instead of --task)")
+    d.add_argument("--data", type=Path, default=None,
+                   help="a labels .csv (paths relative to its folder) or a folder with one "
+                   "subfolder per class (default: none: --task)")
+    for flag, text in _CSV_FLAGS:
+        d.add_argument(flag, default=None, help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``advtrain`` parser: ``--version``, and the ``train``, ``report`` and ``presets``
     commands, each with its defaults and an example in ``--help``."""
     from .._version import package_version
-    from .tasks import TASK_TRAIN_DEFAULTS, TASKS
+    from .tasks import TASK_TRAIN_DEFAULTS
 
     p = argparse.ArgumentParser(prog="advtrain", description="Train and inspect the built-in "
                                 "audio-emotion and emotion-to-notes tasks.",
@@ -167,16 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "into a run directory:\ncheckpoints/, metrics.jsonl, summary.json, "
                        "report.png, diagnosis.txt.",
                        epilog=_TRAIN_EPILOG, formatter_class=_HelpFormatter)
-    t.add_argument("--task", choices=TASKS, default=None,
-                   help="the built-in task; not with --data (default: emotion: clips in "
-                   "their own keys, several timbres; emotion-easy: all in C, one timbre; "
-                   "--set train_fraction=0.1 trains on 10%% of the training melodies)")
-    d = t.add_argument_group("your own audio (instead of --task)")
-    d.add_argument("--data", type=Path, default=None,
-                   help="a labels .csv (paths relative to its folder) or a folder with one "
-                   "subfolder per class (default: none: --task)")
-    for flag, text in _CSV_FLAGS:
-        d.add_argument(flag, default=None, help=text)
+    add_source_arguments(t, "the built-in task; not with --data (default: emotion: clips in "
+                         "their own keys, several timbres; emotion-easy: all in C, one timbre; "
+                         "--set train_fraction=0.1 trains on 10%% of the training melodies)")
     t.add_argument("--preset", default="stable",
                    help="one of: " + ", ".join([*PRESETS, *PRESET_ALIASES])
                    + " (see advtrain presets)")

@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..engine.lrfind import LRFindResult, LRFindSettings, find_lr
 from .cli import (
-    _CSV_FLAGS,
     CLIError,
     _HelpFormatter,
     _out_dir,
+    add_source_arguments,
     audio_plan,
     build_run_task,
     resolve_options,
@@ -59,7 +59,6 @@ Options layer as for advtrain train: the task's defaults, the preset, --config, 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``lr-find`` on ``advtrain``'s subparsers; return its parser."""
     from ..engine.presets import PRESET_ALIASES, PRESETS
-    from .tasks import TASKS
 
     d = LRFindSettings()
     p = subparsers.add_parser(
@@ -69,14 +68,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "and its spread to DIR/lr_find.json and the curves to DIR/lr_find.png. The model, "
         "optimizer and every other state are restored after each sweep.",
         epilog=_EPILOG, formatter_class=_HelpFormatter)
-    p.add_argument("--task", choices=TASKS, default=None,
-                   help="the built-in task; not with --data (default: emotion)")
-    g = p.add_argument_group("your own audio (instead of --task)")
-    g.add_argument("--data", type=Path, default=None,
-                   help="a labels .csv or a folder with one subfolder per class (default: none: "
-                   "--task)")
-    for flag, text in _CSV_FLAGS:
-        g.add_argument(flag, default=None, help=text)
+    add_source_arguments(p, "the built-in task; not with --data (default: emotion)")
     p.add_argument("--out", type=_out_dir, required=True,
                    help="the folder for lr_find.png and lr_find.json (default: none: required)")
     p.add_argument("--preset", default="stable",

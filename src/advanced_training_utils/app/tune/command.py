@@ -70,25 +70,16 @@ space.yaml:
 
 Run the same command again to continue a stopped tune (or raise --trials to extend it)."""
 
-_CSV_FLAGS = ("--target", "--split-column", "--group-column", "--path-column")
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``advtrain tune``."""
-    from ..cli import _HelpFormatter
-    from ..tasks import TASKS
+    from ..cli import _HelpFormatter, add_source_arguments
 
     t = subparsers.add_parser(
         "tune", help="search training options with Optuna (needs the tune extra)",
         description="Search training options: trials as processes, a pruner fed after each "
         "epoch, the study in DIR/study.db (resumable); writes DIR/best.yaml, trials.csv, "
         "tune.png.", epilog=_EPILOG, formatter_class=_HelpFormatter)
-    t.add_argument("--task", choices=TASKS, default=None,
-                   help="a built-in task; not with --data (default: emotion)")
-    t.add_argument("--data", type=Path, default=None,
-                   help="your audio, as for advtrain train (default: none: --task)")
-    for flag in _CSV_FLAGS:
-        t.add_argument(flag, default=None, help="as for advtrain train --data (default: none)")
+    add_source_arguments(t, "a built-in task; not with --data (default: emotion)")
     t.add_argument("--space", type=Path, required=True,
                    help="the search space, YAML (default: none; required)")
     t.add_argument("--trials", type=int, required=True,
@@ -122,10 +113,12 @@ class TunePlan:
 
     def train_argv(self, out: Path, params: dict[str, Any] | None = None) -> list[str]:
         """The ``advtrain train`` command of a trial with ``params`` (``--set`` each)."""
+        from ..cli import _CSV_FLAGS
+
         a = self.args
         argv = ["train", *(["--task", a.task] if a.task else []),
                 *(["--data", str(a.data)] if a.data is not None else [])]
-        for flag in _CSV_FLAGS:
+        for flag, _ in _CSV_FLAGS:
             value = getattr(a, flag[2:].replace("-", "_"))
             argv += [flag, value] if value is not None else []
         argv += ["--preset", a.preset, "--seed", str(a.seed), "--quiet", "--out", str(out)]
