@@ -91,3 +91,20 @@ def test_class_labels_are_checked_against_the_model_outputs(labels, bad):
                 f"class labels must be in [0, 2] for a model with 3 outputs; the first batch "
                 f"holds labels {bad}")):
             prepare.check_labels(torch.nn.CrossEntropyLoss(), model, x, y, torch.device("cpu"))
+
+
+def test_the_first_batch_check_runs_one_extra_forward_for_metrics_and_mixing():
+    """The metric check and the mixing check share one eval forward on the first batch (the
+    label check runs its own, on one example)."""
+    from advanced_training_utils.metrics import resolve_metrics
+
+    calls = []
+    model = torch.nn.Linear(3, 4)
+    model.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    cfg = TrainConfig.from_options(metrics="accuracy", mixup_alpha=0.2, seed=0)
+    check = prepare.FirstBatchCheck(cfg, torch.nn.CrossEntropyLoss(), model,
+                                    torch.device("cpu"), resolve_metrics("accuracy"),
+                                    prepare.build_mixing(cfg))
+    batch = (torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 0]))
+    assert next(check.wrap(iter([batch]))) is batch
+    assert calls == [1, 5]

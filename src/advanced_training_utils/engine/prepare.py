@@ -7,6 +7,7 @@ Used by :func:`advanced_training_utils.engine.run.train_model_advanced`; each he
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import itertools
 import logging
@@ -240,8 +241,9 @@ class FirstBatchCheck:
             x, y = split_batch(batch)
             criterion, model, device = self._args
             check_labels(criterion, model, x, y, device)
-            check_metric_outputs(self._metrics, model, x, y, device)
-            check_mixing(self._mixing, criterion, model, x, y, device)
+            output = functools.cache(functools.partial(_first_output, model, x, device))
+            check_metric_outputs(self._metrics, output, y, device)
+            check_mixing(self._mixing, criterion, output, y, device)
             if self._warn_augment:
                 _warn_unset_augment(x)
             return itertools.chain([batch], batches)
@@ -294,14 +296,15 @@ def check_labels(criterion: Any, model: torch.nn.Module, x: Any, y: Any,
                          f"{int(valid.min())}..{int(valid.max())}")
 
 
-def check_metric_outputs(metrics: Any, model: torch.nn.Module, x: Any, y: Any,
+def check_metric_outputs(metrics: Any, output: Callable[[], Any], y: Any,
                          device: torch.device) -> None:
-    """Check the model's outputs on the first batch against the built-in metrics (a tuple or
-    dict output, a single logit, multi-label targets), so that a metric that cannot be computed
-    fails before the first epoch, not after it; the metrics take their sizes from it."""
+    """Check the model's outputs on the first batch (``output()``: :func:`_first_output`)
+    against the built-in metrics (a tuple or dict output, a single logit, multi-label targets),
+    so that a metric that cannot be computed fails before the first epoch, not after it; the
+    metrics take their sizes from it."""
     if not metrics:
         return
-    out = _first_output(model, x, device)
+    out = output()
     if out is not _FAILED:
         metrics.check(out, to_device(y, device))
 
@@ -336,9 +339,10 @@ def _mixing_options(mixing: BatchMixing) -> str:
 _INDEX_ONLY = (torch.nn.NLLLoss, torch.nn.MultiMarginLoss, torch.nn.MultiLabelMarginLoss)
 
 
-def check_mixing(mixing: BatchMixing | None, criterion: Any, model: torch.nn.Module, x: Any,
-                 y: Any, device: torch.device) -> None:
-    """On the first batch: give ``mixing`` the number of classes (the model output's ``[B, C]``)
+def check_mixing(mixing: BatchMixing | None, criterion: Any, output: Callable[[], Any], y: Any,
+                 device: torch.device) -> None:
+    """On the first batch (``output()``: the model's output on it, :func:`_first_output`): give
+    ``mixing`` the number of classes (the model output's ``[B, C]``)
     and check that the criterion takes the probability targets ``[B, C]`` it will get.
 
     A ``torch.nn.Module`` criterion is called once on the first batch's outputs and probability
@@ -365,7 +369,7 @@ def check_mixing(mixing: BatchMixing | None, criterion: Any, model: torch.nn.Mod
                          f"targets, but {type(criterion).__name__} takes class indices only: "
                          "use torch.nn.CrossEntropyLoss (on logits) or another criterion that "
                          "takes probabilities")
-    out = _first_output(model, x, device)
+    out = output()
     if out is _FAILED:
         return
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
