@@ -503,3 +503,34 @@ def test_third_sigterm_forces_exit(tmp_path):
 
 
 assert OPS  # the worker's --kill-at-io counts these operations
+
+
+@pytest.mark.parametrize("name", ["lr_find.json", "best.yaml"])
+def test_a_full_disk_leaves_a_commands_result_file_as_it_was(tmp_path, monkeypatch, name):
+    """`advtrain lr-find`'s lr_find.json and `advtrain tune`'s best.yaml are written atomically:
+    a write that fails (ENOSPC) leaves the earlier file whole and no temporary file."""
+    from types import SimpleNamespace
+
+    from advanced_training_utils.app import lrfind
+    from advanced_training_utils.app.tune.outputs import write_best
+
+    target = tmp_path / name
+    target.write_text("earlier\n")
+    FileFaults(tmp_path).fail("write", f".{name}.*.tmp").install(monkeypatch)
+    with pytest.raises(OSError):
+        if name == "best.yaml":
+            write_best(target, SimpleNamespace(params={"learning_rate": 0.01}), {"epochs": 3},
+                       ["header"])
+        else:
+            monkeypatch.setattr(lrfind, "_settings", lambda a: SimpleNamespace(
+                min_lr=1e-7, max_lr=10.0, num_steps=10, repeats=1))
+            monkeypatch.setattr(lrfind, "resolve_options", lambda a: ({}, {}))
+            monkeypatch.setattr(lrfind, "task_name", lambda a: "notes")
+            monkeypatch.setattr(lrfind, "audio_plan", lambda a: None)
+            task = SimpleNamespace(model=None, train_loader=None, val_loader=None, criterion=None)
+            monkeypatch.setattr(lrfind, "build_run_task", lambda *a, **k: (task, {}))
+            result = SimpleNamespace(to_dict=lambda: {"suggestion": 0.01})
+            monkeypatch.setattr(lrfind, "find_lr", lambda *a, **k: result)
+            lrfind.main(SimpleNamespace(out=tmp_path, preset="stable"))
+    assert target.read_text() == "earlier\n"
+    assert temp_files(tmp_path) == []

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..engine.lrfind import LRFindResult, LRFindSettings, find_lr
+from ..safeio import atomic_write
 from .cli import (
     CLIError,
     _HelpFormatter,
@@ -118,7 +119,8 @@ def main(args: argparse.Namespace) -> int:
     doc = {**res.to_dict(), "task": name, "preset": args.preset,
            "seconds": round(time.perf_counter() - t0, 2),
            "options": {k: v for k, v in options.items() if _plain(v)}}
-    (out / "lr_find.json").write_text(json.dumps(doc, indent=2) + "\n")
+    text = json.dumps(doc, indent=2) + "\n"
+    atomic_write(out / "lr_find.json", lambda f: f.write(text.encode()))
     png = plot_lr_find(res, out / "lr_find.png", title=f"{name} / {args.preset}")
     print(_headline(res))
     print(f"wrote {out / 'lr_find.json'} and {png}")

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from ...safeio import atomic_write
+
 __all__ = ["write_best", "write_csv", "plot_trials", "best_trial"]
 
 #: The figure's size in inches and resolution.
@@ -40,7 +42,7 @@ def write_best(path: Path, trial: Any, fixed: Mapping[str, Any], header: Sequenc
     options = {**fixed, **trial.params}
     text = "".join(f"# {line}\n" for line in header)
     text += yaml.safe_dump(options, sort_keys=False, default_flow_style=False)
-    path.write_text(text)
+    atomic_write(path, lambda f: f.write(text.encode()))  # never a half-written config
     return path
 
 
